@@ -1,0 +1,21 @@
+"""optical_kernels: fused entropic optimal transport losses between token embeddings.
+
+Public names (DESIGN §4): :func:`sinkhorn_loss`, :class:`SinkhornLoss`, :func:`solve`,
+:func:`solve_sample`, :func:`cost_matrix`, :class:`OTResult`, :func:`backends`.
+"""
+
+from .api import SinkhornLoss, sinkhorn_loss, solve, solve_sample
+from .backends import backends
+from .costs import cost_matrix
+from .result import OTResult
+
+__all__ = [
+    "OTResult",
+    "SinkhornLoss",
+    "backends",
+    "cost_matrix",
+    "sinkhorn_loss",
+    "solve",
+    "solve_sample",
+]
+__version__ = "0.1.0"

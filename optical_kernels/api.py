@@ -1,0 +1,484 @@
+"""Public API (DESIGN §4): argument checking, weight/mask normalisation, backend dispatch.
+
+Conventions (DESIGN §2, KL convention as GeomLoss and OTT). For problem k with points
+x [n, d], y [m, d], weights a [n], b [m] (uniform over valid points by default, renormalised to
+sum 1 for balanced problems) and cost ``C``, the entropic problem is::
+
+    OT_ε = min_{P ∈ U(a, b)} <P, C> + ε KL(P ‖ a⊗b),   P_ij = a_i b_j exp((f_i + g_j − C_ij)/ε)
+
+solved by log-domain Sinkhorn. With ``rho`` the marginal constraints are relaxed to
+``ρ KL(P1 ‖ a) + ρ KL(Pᵀ1 ‖ b)`` (unbalanced; weights used as given).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from numbers import Integral, Real
+
+import torch
+
+from . import backends as _backends
+from .config import GRAD_MODES, SolverConfig, SolverOut
+from .costs import COSTS, centre, cost_matrix
+from .ops import run
+from .result import OTResult
+
+OBJECTIVES = ("linear", "entropic", "divergence")
+GRADS = ("auto",) + GRAD_MODES
+REDUCTIONS = ("mean", "sum", "none")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------- checks
+def _check_finite_enabled(t: torch.Tensor) -> bool:
+    """Finite/negativity checks sync with the device: on CUDA they can be switched off with
+    ``OPTICAL_KERNELS_CHECK_INPUTS=0`` (documented opt-out); on CPU they always run."""
+    return t.device.type == "cpu" or os.environ.get("OPTICAL_KERNELS_CHECK_INPUTS", "1") != "0"
+
+
+def _tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _float_tensor(name: str, t: object) -> torch.Tensor:
+    t = _tensor(name, t)
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+    if _check_finite_enabled(t) and t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+    return t
+
+
+def _positive(name: str, v: object, allow_zero: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        cmp = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {cmp}, got {v}")
+    return v
+
+
+def _int_at_least_1(name: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    return int(v)
+
+
+def _choice(name: str, v: object, options: Sequence[str]) -> str:
+    if not isinstance(v, str) or v not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {v!r}")
+    return v
+
+
+def _config(
+    *,
+    eps: object,
+    objective: object,
+    grad: object,
+    rho: object,
+    max_iter: object,
+    tol: object,
+    check_every: object,
+    eps_schedule: object,
+    backend: object,
+    allowed_objectives: Sequence[str] = OBJECTIVES,
+) -> tuple[SolverConfig, str]:
+    eps_f = _positive("eps", eps)
+    objective = _choice("objective", objective, allowed_objectives)
+    grad = _choice("grad", grad, GRADS)
+    rho_f = None if rho is None else _positive("rho", rho)
+    max_iter_i = _int_at_least_1("max_iter", max_iter)
+    tol_f = _positive("tol", tol, allow_zero=True)
+    check_i = _int_at_least_1("check_every", check_every)
+    _choice("backend", backend, ("auto",) + _backends.BACKENDS)
+    schedule = None
+    if eps_schedule is not None:
+        if not isinstance(eps_schedule, (tuple, list)) or len(eps_schedule) != 2:
+            raise ValueError(f"eps_schedule must be a (start, factor) pair, got {eps_schedule!r}")
+        start = _positive("eps_schedule[0] (start)", eps_schedule[0])
+        factor = _positive("eps_schedule[1] (factor)", eps_schedule[1])
+        if not factor < 1:
+            raise ValueError(f"eps_schedule[1] (factor) must be in (0, 1), got {factor}")
+        schedule = (start, factor)
+    if grad == "auto":
+        grad = "implicit" if objective == "linear" else "envelope"
+    if grad == "implicit" and rho_f is not None and objective == "linear":
+        raise NotImplementedError(
+            "grad='implicit' is not implemented for unbalanced problems (rho is not None); "
+            "use grad='envelope' or grad='unrolled'"
+        )
+    if grad == "implicit" and objective != "linear":
+        grad = "envelope"  # Danskin: P is the exact gradient of OT_ε at the fixed point
+    cfg = SolverConfig(eps_f, rho_f, max_iter_i, tol_f, check_i, schedule, grad)
+    return cfg, objective
+
+
+def _mask(name: str, mask: object, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    mask = _tensor(name, mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = valid point), got {mask.dtype}")
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but the points are on {device}")
+    return mask
+
+
+def _weights(
+    name: str,
+    w: object,
+    mask: torch.Tensor | None,
+    shape: tuple[int, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+    balanced: bool,
+) -> torch.Tensor:
+    """Weights [B, k] in ``dtype``: 0 at masked positions, renormalised if balanced."""
+    valid = torch.ones(shape, dtype=torch.bool, device=device) if mask is None else mask
+    given = w is not None
+    if not given:
+        w = valid.to(dtype)
+    else:
+        w = _float_tensor(name, w)
+        if tuple(w.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(w.shape)}")
+        if w.device != device:
+            raise ValueError(f"{name} is on {w.device} but the points are on {device}")
+        if _check_finite_enabled(w) and bool((w < 0).any()):
+            raise ValueError(f"{name} must be non-negative")
+        w = torch.where(valid, w.detach().to(dtype), 0.0)
+    if balanced or not given:  # default weights are uniform probability vectors
+        total = w.sum(-1, keepdim=True)
+        w = torch.where(total > 0, w / torch.where(total > 0, total, 1.0), 0.0)
+    return w
+
+
+def _points(x: object, y: object) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    x = _float_tensor("x", x)
+    y = _float_tensor("y", y)
+    if x.dim() not in (2, 3) or y.dim() != x.dim():
+        raise ValueError(
+            "x and y must both be [n, d] / [m, d] or both [B, n, d] / [B, m, d]; got shapes "
+            f"{tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"feature dimension mismatch: x has d={x.shape[-1]}, y has d={y.shape[-1]}")
+    if x.dim() == 3 and x.shape[0] != y.shape[0]:
+        raise ValueError(f"batch size mismatch: x has B={x.shape[0]}, y has B={y.shape[0]}")
+    if x.dtype != y.dtype:
+        raise ValueError(f"dtype mismatch: x is {x.dtype}, y is {y.dtype}")
+    if x.device != y.device:
+        raise ValueError(f"device mismatch: x is on {x.device}, y is on {y.device}")
+    unbatched = x.dim() == 2
+    if unbatched:
+        x, y = x.unsqueeze(0), y.unsqueeze(0)
+    return x, y, unbatched
+
+
+def _unbatch(t: torch.Tensor | None, unbatched: bool) -> torch.Tensor | None:
+    return t[0] if (unbatched and t is not None) else t
+
+
+def _result(
+    out: SolverOut,
+    objective_value: torch.Tensor,
+    cfg: SolverConfig,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    C: torch.Tensor | None,
+    unbatched: bool,
+) -> OTResult:
+    empty = ~((a > 0).any(1) & (b > 0).any(1))
+    converged = (out.err < cfg.tol) | empty
+    u = lambda t: _unbatch(t, unbatched)  # noqa: E731
+    return OTResult(
+        value=u(objective_value),
+        value_linear=u(out.value_linear),
+        potentials=(u(out.f), u(out.g)),
+        n_iters=u(out.n_iters),
+        err=u(out.err),
+        converged=u(converged),
+        empty=u(empty),
+        eps=cfg.eps,
+        _cost=None if C is None else (lambda: C.detach()),
+        _a=a,
+        _b=b,
+        _unbatched=unbatched,
+    )
+
+
+# --------------------------------------------------------------------------- solvers
+def _solve_points(
+    backend_name: str,
+    backend_mod: object,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_valid: torch.Tensor,
+    y_valid: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    cost: str,
+    cfg: SolverConfig,
+) -> tuple[SolverOut, torch.Tensor | None]:
+    """One OT solve between point sets; returns the output and C when it was materialised."""
+    if hasattr(backend_mod, "forward_sample"):
+        xs = torch.where(x_valid[..., None], x, 0.0)
+        ys = torch.where(y_valid[..., None], y, 0.0)
+        if cost == "sqeuclidean":
+            xs, ys = centre(xs, ys, x_valid, y_valid)
+            xs = torch.where(x_valid[..., None], xs, 0.0)
+            ys = torch.where(y_valid[..., None], ys, 0.0)
+        return run(backend_name, cfg, x=xs, y=ys, cost=cost, a=a, b=b), None
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    C = _masked_cost(x, y, x_valid, y_valid, cost, work)
+    return run(backend_name, cfg, C=C, a=a, b=b), C
+
+
+def _masked_cost(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_valid: torch.Tensor,
+    y_valid: torch.Tensor,
+    cost: str,
+    work: torch.dtype,
+) -> torch.Tensor:
+    """Differentiable C [B, n, m] in the working dtype, 0 at padded entries."""
+    C = cost_matrix(x.to(work), y.to(work), cost, x_valid, y_valid)
+    return torch.where(x_valid[:, :, None] & y_valid[:, None, :], C, 0.0).contiguous()
+
+
+def solve_sample(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_mask: torch.Tensor | None = None,
+    y_mask: torch.Tensor | None = None,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    *,
+    cost: str = "cosine",
+    eps: float = 0.05,
+    objective: str = "linear",
+    grad: str = "auto",
+    rho: float | None = None,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+    check_every: int = 10,
+    eps_schedule: tuple[float, float] | None = None,
+    backend: str = "auto",
+) -> OTResult:
+    """Entropic OT between point clouds x [B, n, d] and y [B, m, d] (or [n, d], [m, d]).
+
+    Args:
+        x: [B, n, d] source points (the student's token embeddings in OPTICAL).
+        y: [B, m, d] target points (the teacher's token embeddings).
+        x_mask: [B, n] bool, True for valid points. Default: all valid.
+        y_mask: [B, m] bool. Default: all valid.
+        a: [B, n] non-negative weights. Default: uniform over valid points.
+        b: [B, m] non-negative weights. Default: uniform over valid points.
+        cost: ``"cosine"`` (default, ``1 − x̂·ŷ``), ``"sqeuclidean"`` (``‖x−y‖²``) or
+            ``"dot"`` (``−x·y``).
+        eps: ε > 0, absolute, in cost units. Default 0.05.
+        objective: ``"linear"`` (``<P, C>``, default), ``"entropic"`` (``OT_ε``) or
+            ``"divergence"`` (``OT_ε(x,y) − ½OT_ε(x,x) − ½OT_ε(y,y)``).
+        grad: ``"auto"`` (implicit for linear, envelope otherwise), ``"envelope"`` (∂L/∂C = P;
+            exact for entropic/divergence, an approximation for linear), ``"implicit"`` (exact
+            at the fixed point) or ``"unrolled"`` (derivative of the iterations run).
+        rho: KL marginal relaxation ρ > 0 (unbalanced OT), or ``None`` (balanced, default).
+        max_iter: iteration cap, default 100.
+        tol: stop a problem when its L1 row-marginal error < tol (checked every
+            ``check_every`` iterations); 0 runs every problem for ``max_iter`` iterations.
+        check_every: convergence test period, default 10.
+        eps_schedule: ``(start, factor)``: ε-scaling ``ε_t = max(eps, start·factor^(t−1))``;
+            ``None`` (default) uses ``eps`` throughout.
+        backend: ``"auto"`` (default), ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        :class:`OTResult` with ``value`` [B] the objective (differentiable w.r.t. x and y).
+        Weights are treated as constants (no gradient flows to ``a``, ``b``).
+    """
+    cfg, objective = _config(
+        eps=eps, objective=objective, grad=grad, rho=rho, max_iter=max_iter, tol=tol,
+        check_every=check_every, eps_schedule=eps_schedule, backend=backend,
+    )
+    cost = _choice("cost", cost, COSTS)
+    x, y, unbatched = _points(x, y)
+    B, n, _ = x.shape
+    m = y.shape[1]
+    shape_x, shape_y = (B, n), (B, m)
+    if unbatched:
+        x_mask = None if x_mask is None else _tensor("x_mask", x_mask).unsqueeze(0)
+        y_mask = None if y_mask is None else _tensor("y_mask", y_mask).unsqueeze(0)
+        a = None if a is None else _tensor("a", a).unsqueeze(0)
+        b = None if b is None else _tensor("b", b).unsqueeze(0)
+    xm = _mask("x_mask", x_mask, shape_x, x.device)
+    ym = _mask("y_mask", y_mask, shape_y, y.device)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    balanced = cfg.rho is None
+    aw = _weights("a", a, xm, shape_x, x.device, work, balanced)
+    bw = _weights("b", b, ym, shape_y, y.device, work, balanced)
+    xv, yv = aw > 0, bw > 0
+    name, mod = _backends.resolve(backend, x.device, x.dtype)
+    out, C = _solve_points(name, mod, x, y, xv, yv, aw, bw, cost, cfg)
+    value = out.value_linear if objective == "linear" else out.value
+    if objective == "divergence":
+        out_xx, _ = _solve_points(name, mod, x, x, xv, xv, aw, aw, cost, cfg)
+        out_yy, _ = _solve_points(name, mod, y, y, yv, yv, bw, bw, cost, cfg)
+        value = out.value - 0.5 * (out_xx.value + out_yy.value)
+    res = _result(out, value, cfg, aw, bw, C, unbatched)
+    if C is None:  # fused backend: plan() recomputes C on demand
+        xd, yd = x.detach(), y.detach()
+        res._cost = lambda: _masked_cost(xd, yd, xv, yv, cost, work)
+    return res
+
+
+def solve(
+    C: torch.Tensor,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    x_mask: torch.Tensor | None = None,
+    y_mask: torch.Tensor | None = None,
+    *,
+    eps: float = 0.05,
+    objective: str = "linear",
+    grad: str = "auto",
+    rho: float | None = None,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+    check_every: int = 10,
+    eps_schedule: tuple[float, float] | None = None,
+    backend: str = "auto",
+) -> OTResult:
+    """Entropic OT on a precomputed cost C [B, n, m] (or [n, m]); differentiable in C.
+
+    ``x_mask`` [B, n] / ``y_mask`` [B, m] mark valid rows / columns of C; ``a``, ``b`` are the
+    row / column weights. ``objective`` is ``"linear"`` or ``"entropic"`` (``"divergence"``
+    needs points: use :func:`solve_sample`). Other arguments as in :func:`solve_sample`.
+    """
+    cfg, objective = _config(
+        eps=eps, objective=objective, grad=grad, rho=rho, max_iter=max_iter, tol=tol,
+        check_every=check_every, eps_schedule=eps_schedule, backend=backend,
+        allowed_objectives=("linear", "entropic"),
+    )
+    C = _float_tensor("C", C)
+    if C.dim() not in (2, 3):
+        raise ValueError(f"C must be [n, m] or [B, n, m], got shape {tuple(C.shape)}")
+    unbatched = C.dim() == 2
+    if unbatched:
+        C = C.unsqueeze(0)
+        x_mask = None if x_mask is None else _tensor("x_mask", x_mask).unsqueeze(0)
+        y_mask = None if y_mask is None else _tensor("y_mask", y_mask).unsqueeze(0)
+        a = None if a is None else _tensor("a", a).unsqueeze(0)
+        b = None if b is None else _tensor("b", b).unsqueeze(0)
+    B, n, m = C.shape
+    xm = _mask("x_mask", x_mask, (B, n), C.device)
+    ym = _mask("y_mask", y_mask, (B, m), C.device)
+    work = torch.float64 if C.dtype == torch.float64 else torch.float32
+    balanced = cfg.rho is None
+    aw = _weights("a", a, xm, (B, n), C.device, work, balanced)
+    bw = _weights("b", b, ym, (B, m), C.device, work, balanced)
+    name, _ = _backends.resolve(backend, C.device, C.dtype)
+    Cw = torch.where((aw > 0)[:, :, None] & (bw > 0)[:, None, :], C.to(work), 0.0).contiguous()
+    out = run(name, cfg, C=Cw, a=aw, b=bw)
+    value = out.value_linear if objective == "linear" else out.value
+    return _result(out, value, cfg, aw, bw, Cw, unbatched)
+
+
+def sinkhorn_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_mask: torch.Tensor | None = None,
+    y_mask: torch.Tensor | None = None,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    *,
+    cost: str = "cosine",
+    eps: float = 0.05,
+    objective: str = "linear",
+    grad: str = "auto",
+    rho: float | None = None,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+    check_every: int = 10,
+    reduction: str = "mean",
+    eps_schedule: tuple[float, float] | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """OT loss between token embeddings x [B, n, d] and y [B, m, d] (the OPTICAL loss).
+
+    Returns the objective of :func:`solve_sample` (default ``<P, C>`` with the implicit
+    gradient), reduced over the batch: ``reduction="mean"`` (default, sum / B; empty problems
+    count as 0), ``"sum"`` or ``"none"`` ([B]; a scalar for unbatched inputs). Every other
+    argument is documented in :func:`solve_sample`.
+    """
+    reduction = _choice("reduction", reduction, REDUCTIONS)
+    res = solve_sample(
+        x, y, x_mask, y_mask, a, b, cost=cost, eps=eps, objective=objective, grad=grad, rho=rho,
+        max_iter=max_iter, tol=tol, check_every=check_every, eps_schedule=eps_schedule,
+        backend=backend,
+    )
+    if reduction == "none":
+        return res.value
+    return res.value.sum() if reduction == "sum" else res.value.mean()
+
+
+class SinkhornLoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`sinkhorn_loss`; keywords as there, fixed at construction.
+
+    Example::
+
+        loss_fn = SinkhornLoss(eps=0.05, cost="cosine")
+        loss = loss_fn(student_tokens, teacher_tokens, student_mask, teacher_mask)
+    """
+
+    def __init__(
+        self,
+        *,
+        cost: str = "cosine",
+        eps: float = 0.05,
+        objective: str = "linear",
+        grad: str = "auto",
+        rho: float | None = None,
+        max_iter: int = 100,
+        tol: float = 1e-4,
+        check_every: int = 10,
+        reduction: str = "mean",
+        eps_schedule: tuple[float, float] | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.kwargs = dict(
+            cost=cost, eps=eps, objective=objective, grad=grad, rho=rho, max_iter=max_iter,
+            tol=tol, check_every=check_every, reduction=reduction, eps_schedule=eps_schedule,
+            backend=backend,
+        )
+        # validate now, so a bad keyword fails at construction
+        _config(
+            eps=eps, objective=objective, grad=grad, rho=rho, max_iter=max_iter, tol=tol,
+            check_every=check_every, eps_schedule=eps_schedule, backend=backend,
+        )
+        _choice("cost", cost, COSTS)
+        _choice("reduction", reduction, REDUCTIONS)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        x_mask: torch.Tensor | None = None,
+        y_mask: torch.Tensor | None = None,
+        a: torch.Tensor | None = None,
+        b: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss between x [B, n, d] and y [B, m, d]; see :func:`sinkhorn_loss`."""
+        return sinkhorn_loss(x, y, x_mask, y_mask, a, b, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

@@ -1,0 +1,114 @@
+"""Backend registry: lazy import, availability, and the ``auto`` choice (DESIGN §5)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+_MODULES = {
+    "torch": "optical_kernels.reference",
+    "cpu": "optical_kernels.cpu",
+    "triton": "optical_kernels.triton",
+    "cuda": "optical_kernels.cuda",
+}
+_INSTALL_HINT = {
+    "cpu": "build the C++ extension: `pip install -e .` with a C++ compiler (g++/clang) present",
+    "triton": "install the `triton` extra (`pip install optical-kernels[triton]`) and use CUDA "
+    "tensors (or set TRITON_INTERPRET=1 before importing triton for the CPU interpreter)",
+    "cuda": "build with nvcc present (`pip install -e .`, OPTICAL_KERNELS_SKIP_CUDA unset) and "
+    "use CUDA tensors on a machine with an NVIDIA GPU",
+}
+_warned: set[str] = set()
+
+
+_import_errors: dict[str, str] = {}
+
+
+def load(name: str) -> ModuleType | None:
+    """Import a backend module, or ``None`` if it cannot be imported."""
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError as exc:
+        _import_errors[name] = str(exc)
+        return None
+
+
+def status(name: str) -> tuple[bool, str]:
+    """``(available, reason)`` for one backend."""
+    mod = load(name)
+    if mod is None:
+        return False, (
+            f"module {_MODULES[name]} cannot be imported ({_import_errors.get(name, '?')}); "
+            f"{_INSTALL_HINT[name]}"
+        )
+    try:
+        ok, why = mod.is_available()
+    except Exception as exc:  # a probe must never break the caller
+        return False, f"availability check failed: {exc!r}"
+    return bool(ok), str(why)
+
+
+def backends() -> dict[str, dict[str, object]]:
+    """Every backend with ``{"available": bool, "reason": str}``.
+
+    Example: ``optical_kernels.backends()["cpu"]["available"]``.
+    """
+    return {name: dict(zip(("available", "reason"), status(name))) for name in BACKENDS}
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> tuple[str, ModuleType]:
+    """Pick the backend module for ``backend`` (``auto`` or a name) on ``device``.
+
+    ``auto``: CUDA tensors -> ``triton`` (then ``cuda``), CPU tensors -> ``cpu``; falls back to
+    ``torch`` with a one-time warning when the preferred backend is unavailable. Set
+    ``OPTICAL_KERNELS_QUIET=1`` to silence the warning. An explicitly named backend that is
+    unavailable raises ``ValueError`` naming what to install.
+    """
+    if backend == "auto":
+        prefs = ["triton", "cuda"] if device.type == "cuda" else ["cpu"]
+        for name in prefs:
+            ok, why = status(name)
+            if ok and _supports(name, device, dtype):
+                return name, load(name)  # type: ignore[return-value]
+        key = f"{device.type}:{prefs[0]}"
+        if key not in _warned and not os.environ.get("OPTICAL_KERNELS_QUIET"):
+            _warned.add(key)
+            warnings.warn(
+                f"backend='auto': {prefs[0]!r} is unavailable for {device.type} tensors "
+                f"({status(prefs[0])[1]}); falling back to the pure-PyTorch 'torch' backend",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return "torch", load("torch")  # type: ignore[return-value]
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    ok, why = status(backend)
+    if not ok:
+        raise ValueError(
+            f"backend={backend!r} is not available: {why}. Install: "
+            f"{_INSTALL_HINT.get(backend, '')}".rstrip(": ")
+        )
+    if not _supports(backend, device, dtype):
+        raise ValueError(
+            f"backend={backend!r} does not support {device.type} tensors of dtype {dtype}"
+        )
+    return backend, load(backend)  # type: ignore[return-value]
+
+
+def _supports(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    mod = load(name)
+    check = getattr(mod, "supports", None)
+    if check is not None:
+        return bool(check(device, dtype))
+    if name == "cpu":
+        return device.type == "cpu"
+    if name == "cuda":
+        return device.type == "cuda"
+    if name == "triton":
+        return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return True

@@ -1,0 +1,284 @@
+"""``torch.library`` custom ops and autograd wiring shared by every backend.
+
+Two ops, each with a fake (meta) implementation so ``torch.compile`` traces through them:
+
+* ``optical_kernels::sinkhorn`` — solve on a given cost ``C`` [B, n, m]; differentiable in C.
+* ``optical_kernels::sinkhorn_sample`` — solve with the cost fused from points x [B, n, d],
+  y [B, m, d] (backends that provide ``forward_sample``); differentiable in x and y.
+
+Both return ``(f, g, value, value_linear, n_iters, err, hist_f, hist_g)``; ``hist_*`` are
+[max_iter, B, ·] for ``grad="unrolled"`` and [0, B, ·] otherwise. The backend is passed by
+name and looked up in :mod:`optical_kernels.backends`.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .config import SolverConfig, SolverOut
+
+_Outs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _config(
+    eps: float,
+    rho: Optional[float],
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    sched_start: Optional[float],
+    sched_factor: Optional[float],
+    grad: str,
+) -> SolverConfig:
+    schedule = None if sched_start is None else (sched_start, float(sched_factor or 0.5))
+    return SolverConfig(eps, rho, max_iter, tol, check_every, schedule, grad)
+
+
+def config_args(cfg: SolverConfig) -> tuple:
+    """Flatten a :class:`SolverConfig` into the scalar arguments of the custom ops."""
+    start, factor = cfg.eps_schedule if cfg.eps_schedule is not None else (None, None)
+    return (cfg.eps, cfg.rho, cfg.max_iter, cfg.tol, cfg.check_every, start, factor, cfg.grad)
+
+
+def _pack(out: SolverOut, cfg: SolverConfig, B: int, n: int, m: int, like: Tensor) -> _Outs:
+    T = cfg.max_iter if cfg.grad == "unrolled" else 0
+    if out.history is None or T == 0:
+        hf, hg = like.new_zeros(T, B, n), like.new_zeros(T, B, m)
+    else:
+        hf, hg = out.history
+        if hf.shape[0] < T:  # pad: entries past n_iters are never read
+            pad = T - hf.shape[0]
+            hf = torch.cat([hf, hf[-1:].expand(pad, B, n)])
+            hg = torch.cat([hg, hg[-1:].expand(pad, B, m)])
+        hf, hg = hf.contiguous(), hg.contiguous()
+    return (
+        out.f.contiguous(),
+        out.g.contiguous(),
+        out.value.contiguous(),
+        out.value_linear.contiguous(),
+        out.n_iters.to(torch.int32).contiguous(),
+        out.err.contiguous(),
+        hf,
+        hg,
+    )
+
+
+def _unpack(f, g, value, value_linear, n_iters, err, hf, hg) -> SolverOut:  # noqa: ANN001
+    history = (hf, hg) if hf.shape[0] > 0 else None
+    return SolverOut(f, g, value, value_linear, n_iters, err, history)
+
+
+def _fake_outs(B: int, n: int, m: int, like: Tensor, cfg_grad: str, max_iter: int) -> _Outs:
+    T = max_iter if cfg_grad == "unrolled" else 0
+    return (
+        like.new_empty(B, n),
+        like.new_empty(B, m),
+        like.new_empty(B),
+        like.new_empty(B),
+        like.new_empty(B, dtype=torch.int32),
+        like.new_empty(B),
+        like.new_empty(T, B, n),
+        like.new_empty(T, B, m),
+    )
+
+
+# ----------------------------------------------------------------- dense (given C)
+@torch.library.custom_op("optical_kernels::sinkhorn", mutates_args=())
+def sinkhorn_op(
+    C: Tensor,
+    a: Tensor,
+    b: Tensor,
+    backend: str,
+    eps: float,
+    rho: Optional[float],
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    sched_start: Optional[float],
+    sched_factor: Optional[float],
+    grad: str,
+) -> _Outs:
+    """Solve a padded batch on cost C [B, n, m] with the named backend."""
+    cfg = _config(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    out = backends.load(backend).forward(C, a, b, cfg)
+    return _pack(out, cfg, *C.shape, like=C)
+
+
+@sinkhorn_op.register_fake
+def _(C, a, b, backend, eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad):  # noqa: ANN001, ANN202
+    return _fake_outs(*C.shape, like=C, cfg_grad=grad, max_iter=max_iter)
+
+
+@torch.library.custom_op("optical_kernels::sinkhorn_backward", mutates_args=())
+def sinkhorn_backward_op(
+    C: Tensor,
+    a: Tensor,
+    b: Tensor,
+    f: Tensor,
+    g: Tensor,
+    value: Tensor,
+    value_linear: Tensor,
+    n_iters: Tensor,
+    err: Tensor,
+    hist_f: Tensor,
+    hist_g: Tensor,
+    grad_value: Tensor,
+    grad_value_linear: Tensor,
+    backend: str,
+    eps: float,
+    rho: Optional[float],
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    sched_start: Optional[float],
+    sched_factor: Optional[float],
+    grad: str,
+) -> Tensor:
+    """∂L/∂C [B, n, m] for the named backend and gradient mode."""
+    cfg = _config(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    out = _unpack(f, g, value, value_linear, n_iters, err, hist_f, hist_g)
+    dC = backends.load(backend).backward(C, a, b, out, grad_value, grad_value_linear, cfg)
+    return dC.contiguous()
+
+
+@sinkhorn_backward_op.register_fake
+def _(C, *args):  # noqa: ANN001, ANN002, ANN202
+    return torch.empty_like(C)
+
+
+def _setup_dense(ctx, inputs, output) -> None:  # noqa: ANN001
+    C, a, b = inputs[:3]
+    ctx.scalars = inputs[3:]
+    ctx.save_for_backward(C, a, b, *output)
+    ctx.mark_non_differentiable(*(output[i] for i in (0, 1, 4, 5, 6, 7)))
+
+
+def _grads(ctx, gv: Tensor | None, gvl: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+    B = like.shape[0]
+    gv = like.new_zeros(B) if gv is None else gv.to(like.dtype)
+    gvl = like.new_zeros(B) if gvl is None else gvl.to(like.dtype)
+    return gv.contiguous(), gvl.contiguous()
+
+
+def _backward_dense(ctx, df, dg, gv, gvl, *_):  # noqa: ANN001, ANN002, ANN202
+    C, a, b, *outs = ctx.saved_tensors
+    gv, gvl = _grads(ctx, gv, gvl, C)
+    dC = sinkhorn_backward_op(C, a, b, *outs, gv, gvl, *ctx.scalars)
+    return (dC,) + (None,) * (2 + len(ctx.scalars))
+
+
+sinkhorn_op.register_autograd(_backward_dense, setup_context=_setup_dense)
+
+
+# ----------------------------------------------------------------- sample (fused cost)
+@torch.library.custom_op("optical_kernels::sinkhorn_sample", mutates_args=())
+def sinkhorn_sample_op(
+    x: Tensor,
+    y: Tensor,
+    a: Tensor,
+    b: Tensor,
+    cost: str,
+    backend: str,
+    eps: float,
+    rho: Optional[float],
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    sched_start: Optional[float],
+    sched_factor: Optional[float],
+    grad: str,
+) -> _Outs:
+    """Solve with the cost fused from points x [B, n, d], y [B, m, d]."""
+    cfg = _config(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    out = backends.load(backend).forward_sample(x, y, a, b, cost, cfg)
+    return _pack(out, cfg, x.shape[0], x.shape[1], y.shape[1], like=a)
+
+
+@sinkhorn_sample_op.register_fake
+def _(x, y, a, b, cost, backend, eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad):  # noqa: ANN001, ANN202, E501
+    return _fake_outs(x.shape[0], x.shape[1], y.shape[1], like=a, cfg_grad=grad, max_iter=max_iter)
+
+
+@torch.library.custom_op("optical_kernels::sinkhorn_sample_backward", mutates_args=())
+def sinkhorn_sample_backward_op(
+    x: Tensor,
+    y: Tensor,
+    a: Tensor,
+    b: Tensor,
+    f: Tensor,
+    g: Tensor,
+    value: Tensor,
+    value_linear: Tensor,
+    n_iters: Tensor,
+    err: Tensor,
+    hist_f: Tensor,
+    hist_g: Tensor,
+    grad_value: Tensor,
+    grad_value_linear: Tensor,
+    need_dy: bool,
+    cost: str,
+    backend: str,
+    eps: float,
+    rho: Optional[float],
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    sched_start: Optional[float],
+    sched_factor: Optional[float],
+    grad: str,
+) -> tuple[Tensor, Tensor]:
+    """(∂L/∂x [B, n, d], ∂L/∂y [B, m, d] or an empty tensor when ``need_dy`` is False)."""
+    cfg = _config(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    out = _unpack(f, g, value, value_linear, n_iters, err, hist_f, hist_g)
+    dx, dy = backends.load(backend).backward_sample(
+        x, y, a, b, cost, out, grad_value, grad_value_linear, cfg, need_dy
+    )
+    return dx.contiguous(), (dy.contiguous() if dy is not None else x.new_zeros(0))
+
+
+@sinkhorn_sample_backward_op.register_fake
+def _(x, y, *args):  # noqa: ANN001, ANN002, ANN202
+    need_dy = args[12]
+    return torch.empty_like(x), (torch.empty_like(y) if need_dy else x.new_empty(0))
+
+
+def _setup_sample(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, y, a, b, cost = inputs[:5]
+    ctx.cost = cost
+    ctx.scalars = inputs[5:]
+    ctx.save_for_backward(x, y, a, b, *output)
+    ctx.mark_non_differentiable(*(output[i] for i in (0, 1, 4, 5, 6, 7)))
+
+
+def _backward_sample(ctx, df, dg, gv, gvl, *_):  # noqa: ANN001, ANN002, ANN202
+    x, y, a, b, *outs = ctx.saved_tensors
+    gv, gvl = _grads(ctx, gv, gvl, a)
+    need_dy = bool(ctx.needs_input_grad[1])
+    dx, dy = sinkhorn_sample_backward_op(
+        x, y, a, b, *outs, gv, gvl, need_dy, ctx.cost, *ctx.scalars
+    )
+    return (dx, dy if need_dy else None) + (None,) * (3 + len(ctx.scalars))
+
+
+sinkhorn_sample_op.register_autograd(_backward_sample, setup_context=_setup_sample)
+
+
+def run(
+    backend: str,
+    cfg: SolverConfig,
+    C: Tensor | None = None,
+    x: Tensor | None = None,
+    y: Tensor | None = None,
+    cost: str | None = None,
+    *,
+    a: Tensor,
+    b: Tensor,
+) -> SolverOut:
+    """Dispatch to the dense op (``C`` given) or the fused sample op (``x``, ``y``, ``cost``)."""
+    if C is not None:
+        outs = sinkhorn_op(C, a, b, backend, *config_args(cfg))
+    else:
+        outs = sinkhorn_sample_op(x, y, a, b, cost, backend, *config_args(cfg))
+    return _unpack(*outs)
