@@ -47,7 +47,9 @@ def _tensor(name: str, t: object) -> torch.Tensor:
 def _float_tensor(name: str, t: object) -> torch.Tensor:
     t = _tensor(name, t)
     if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+        raise TypeError(
+            f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}"
+        )
     if _check_finite_enabled(t) and t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
     return t
@@ -120,7 +122,9 @@ def _config(
     return cfg, objective
 
 
-def _mask(name: str, mask: object, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
+def _mask(
+    name: str, mask: object, shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor | None:
     if mask is None:
         return None
     mask = _tensor(name, mask)
@@ -171,7 +175,9 @@ def _points(x: object, y: object) -> tuple[torch.Tensor, torch.Tensor, bool]:
             f"{tuple(x.shape)} and {tuple(y.shape)}"
         )
     if x.shape[-1] != y.shape[-1]:
-        raise ValueError(f"feature dimension mismatch: x has d={x.shape[-1]}, y has d={y.shape[-1]}")
+        raise ValueError(
+            f"feature dimension mismatch: x has d={x.shape[-1]}, y has d={y.shape[-1]}"
+        )
     if x.dim() == 3 and x.shape[0] != y.shape[0]:
         raise ValueError(f"batch size mismatch: x has B={x.shape[0]}, y has B={y.shape[0]}")
     if x.dtype != y.dtype:
@@ -306,8 +312,15 @@ def solve_sample(
         Weights are treated as constants (no gradient flows to ``a``, ``b``).
     """
     cfg, objective = _config(
-        eps=eps, objective=objective, grad=grad, rho=rho, max_iter=max_iter, tol=tol,
-        check_every=check_every, eps_schedule=eps_schedule, backend=backend,
+        eps=eps,
+        objective=objective,
+        grad=grad,
+        rho=rho,
+        max_iter=max_iter,
+        tol=tol,
+        check_every=check_every,
+        eps_schedule=eps_schedule,
+        backend=backend,
     )
     cost = _choice("cost", cost, COSTS)
     x, y, unbatched = _points(x, y)
@@ -364,8 +377,15 @@ def solve(
     needs points: use :func:`solve_sample`). Other arguments as in :func:`solve_sample`.
     """
     cfg, objective = _config(
-        eps=eps, objective=objective, grad=grad, rho=rho, max_iter=max_iter, tol=tol,
-        check_every=check_every, eps_schedule=eps_schedule, backend=backend,
+        eps=eps,
+        objective=objective,
+        grad=grad,
+        rho=rho,
+        max_iter=max_iter,
+        tol=tol,
+        check_every=check_every,
+        eps_schedule=eps_schedule,
+        backend=backend,
         allowed_objectives=("linear", "entropic"),
     )
     C = _float_tensor("C", C)
@@ -421,8 +441,21 @@ def sinkhorn_loss(
     """
     reduction = _choice("reduction", reduction, REDUCTIONS)
     res = solve_sample(
-        x, y, x_mask, y_mask, a, b, cost=cost, eps=eps, objective=objective, grad=grad, rho=rho,
-        max_iter=max_iter, tol=tol, check_every=check_every, eps_schedule=eps_schedule,
+        x,
+        y,
+        x_mask,
+        y_mask,
+        a,
+        b,
+        cost=cost,
+        eps=eps,
+        objective=objective,
+        grad=grad,
+        rho=rho,
+        max_iter=max_iter,
+        tol=tol,
+        check_every=check_every,
+        eps_schedule=eps_schedule,
         backend=backend,
     )
     if reduction == "none":
@@ -456,14 +489,29 @@ class SinkhornLoss(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.kwargs = dict(
-            cost=cost, eps=eps, objective=objective, grad=grad, rho=rho, max_iter=max_iter,
-            tol=tol, check_every=check_every, reduction=reduction, eps_schedule=eps_schedule,
+            cost=cost,
+            eps=eps,
+            objective=objective,
+            grad=grad,
+            rho=rho,
+            max_iter=max_iter,
+            tol=tol,
+            check_every=check_every,
+            reduction=reduction,
+            eps_schedule=eps_schedule,
             backend=backend,
         )
         # validate now, so a bad keyword fails at construction
         _config(
-            eps=eps, objective=objective, grad=grad, rho=rho, max_iter=max_iter, tol=tol,
-            check_every=check_every, eps_schedule=eps_schedule, backend=backend,
+            eps=eps,
+            objective=objective,
+            grad=grad,
+            rho=rho,
+            max_iter=max_iter,
+            tol=tol,
+            check_every=check_every,
+            eps_schedule=eps_schedule,
+            backend=backend,
         )
         _choice("cost", cost, COSTS)
         _choice("reduction", reduction, REDUCTIONS)

@@ -105,9 +105,7 @@ def cost_vjp(
     if cost != "cosine":
         raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
 
-    def side(
-        p: torch.Tensor, q_hat: torch.Tensor, Gs: torch.Tensor
-    ) -> torch.Tensor:
+    def side(p: torch.Tensor, q_hat: torch.Tensor, Gs: torch.Tensor) -> torch.Tensor:
         norm = p.norm(dim=-1, keepdim=True)
         clamped = norm < NORM_FLOOR
         p_hat = p / norm.clamp_min(NORM_FLOOR)

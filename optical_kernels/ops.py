@@ -11,8 +11,6 @@ Both return ``(f, g, value, value_linear, n_iters, err, hist_f, hist_g)``; ``his
 name and looked up in :mod:`optical_kernels.backends`.
 """
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -24,12 +22,12 @@ _Outs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 def _config(
     eps: float,
-    rho: Optional[float],
+    rho: float | None,
     max_iter: int,
     tol: float,
     check_every: int,
-    sched_start: Optional[float],
-    sched_factor: Optional[float],
+    sched_start: float | None,
+    sched_factor: float | None,
     grad: str,
 ) -> SolverConfig:
     schedule = None if sched_start is None else (sched_start, float(sched_factor or 0.5))
@@ -92,12 +90,12 @@ def sinkhorn_op(
     b: Tensor,
     backend: str,
     eps: float,
-    rho: Optional[float],
+    rho: float | None,
     max_iter: int,
     tol: float,
     check_every: int,
-    sched_start: Optional[float],
-    sched_factor: Optional[float],
+    sched_start: float | None,
+    sched_factor: float | None,
     grad: str,
 ) -> _Outs:
     """Solve a padded batch on cost C [B, n, m] with the named backend."""
@@ -128,12 +126,12 @@ def sinkhorn_backward_op(
     grad_value_linear: Tensor,
     backend: str,
     eps: float,
-    rho: Optional[float],
+    rho: float | None,
     max_iter: int,
     tol: float,
     check_every: int,
-    sched_start: Optional[float],
-    sched_factor: Optional[float],
+    sched_start: float | None,
+    sched_factor: float | None,
     grad: str,
 ) -> Tensor:
     """∂L/∂C [B, n, m] for the named backend and gradient mode."""
@@ -182,12 +180,12 @@ def sinkhorn_sample_op(
     cost: str,
     backend: str,
     eps: float,
-    rho: Optional[float],
+    rho: float | None,
     max_iter: int,
     tol: float,
     check_every: int,
-    sched_start: Optional[float],
-    sched_factor: Optional[float],
+    sched_start: float | None,
+    sched_factor: float | None,
     grad: str,
 ) -> _Outs:
     """Solve with the cost fused from points x [B, n, d], y [B, m, d]."""
@@ -197,7 +195,9 @@ def sinkhorn_sample_op(
 
 
 @sinkhorn_sample_op.register_fake
-def _(x, y, a, b, cost, backend, eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad):  # noqa: ANN001, ANN202, E501
+def _(
+    x, y, a, b, cost, backend, eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad
+):  # noqa: ANN001, ANN202, E501
     return _fake_outs(x.shape[0], x.shape[1], y.shape[1], like=a, cfg_grad=grad, max_iter=max_iter)
 
 
@@ -221,12 +221,12 @@ def sinkhorn_sample_backward_op(
     cost: str,
     backend: str,
     eps: float,
-    rho: Optional[float],
+    rho: float | None,
     max_iter: int,
     tol: float,
     check_every: int,
-    sched_start: Optional[float],
-    sched_factor: Optional[float],
+    sched_start: float | None,
+    sched_factor: float | None,
     grad: str,
 ) -> tuple[Tensor, Tensor]:
     """(∂L/∂x [B, n, d], ∂L/∂y [B, m, d] or an empty tensor when ``need_dy`` is False)."""

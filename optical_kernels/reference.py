@@ -290,8 +290,9 @@ def _unrolled(
     cfg: SolverConfig,
 ) -> torch.Tensor:
     """Reverse pass through the iterations actually run (exact derivative of the map)."""
-    dC, fbar, gbar = values_vjp(C, a, b, out.f, out.g, cfg.eps, cfg.rho, grad_value,
-                                grad_value_linear)
+    dC, fbar, gbar = values_vjp(
+        C, a, b, out.f, out.g, cfg.eps, cfg.rho, grad_value, grad_value_linear
+    )
     if out.history is None:
         return dC
     hist_f, hist_g = out.history

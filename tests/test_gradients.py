@@ -38,9 +38,20 @@ def test_gradcheck_unrolled_is_exact(cost, objective):
     eps = 0.5 if cost == "cosine" else 2.0
 
     def fn(x, y):
-        out = ok.sinkhorn_loss(x, y, xm, ym, cost=cost, eps=eps, objective=objective,
-                               grad="unrolled", max_iter=7, tol=0, reduction="none",
-                               backend="torch")
+        out = ok.sinkhorn_loss(
+            x,
+            y,
+            xm,
+            ym,
+            cost=cost,
+            eps=eps,
+            objective=objective,
+            grad="unrolled",
+            max_iter=7,
+            tol=0,
+            reduction="none",
+            backend="torch",
+        )
         return (out * w).sum()
 
     x.requires_grad_(True)
@@ -53,9 +64,22 @@ def test_gradcheck_unrolled_schedule_unbalanced_early_stop():
     w = upstream(x.shape[0], 1)
 
     def fn(x):
-        out = ok.sinkhorn_loss(x, y, xm, ym, cost="sqeuclidean", eps=1.0, rho=3.0,
-                               eps_schedule=(8.0, 0.5), grad="unrolled", max_iter=40,
-                               tol=1e-3, check_every=3, reduction="none", backend="torch")
+        out = ok.sinkhorn_loss(
+            x,
+            y,
+            xm,
+            ym,
+            cost="sqeuclidean",
+            eps=1.0,
+            rho=3.0,
+            eps_schedule=(8.0, 0.5),
+            grad="unrolled",
+            max_iter=40,
+            tol=1e-3,
+            check_every=3,
+            reduction="none",
+            backend="torch",
+        )
         return (out * w).sum()
 
     x.requires_grad_(True)
@@ -70,8 +94,20 @@ def test_gradcheck_implicit_linear(cost):
     eps = 0.3 if cost == "cosine" else 1.5
 
     def fn(x, y):
-        out = ok.sinkhorn_loss(x, y, xm, ym, cost=cost, eps=eps, grad="implicit",
-                               max_iter=3000, tol=1e-14, check_every=5, reduction="none", backend="torch")
+        out = ok.sinkhorn_loss(
+            x,
+            y,
+            xm,
+            ym,
+            cost=cost,
+            eps=eps,
+            grad="implicit",
+            max_iter=3000,
+            tol=1e-14,
+            check_every=5,
+            reduction="none",
+            backend="torch",
+        )
         return (out * w).sum()
 
     x.requires_grad_(True)
@@ -87,9 +123,21 @@ def test_gradcheck_envelope_exact_for_entropic(cost, objective):
     eps = 0.3 if cost == "cosine" else 1.5
 
     def fn(x, y):
-        out = ok.sinkhorn_loss(x, y, xm, ym, cost=cost, eps=eps, objective=objective,
-                               grad="envelope", max_iter=3000, tol=1e-14, check_every=5, reduction="none",
-                               backend="torch")
+        out = ok.sinkhorn_loss(
+            x,
+            y,
+            xm,
+            ym,
+            cost=cost,
+            eps=eps,
+            objective=objective,
+            grad="envelope",
+            max_iter=3000,
+            tol=1e-14,
+            check_every=5,
+            reduction="none",
+            backend="torch",
+        )
         return (out * w).sum()
 
     x.requires_grad_(True)
@@ -105,8 +153,15 @@ def _fd_check(objective: str, grad: str, rel: float, seed: int = 0):
     D = torch.randn(B, n, m, generator=gen, dtype=torch.float64)
     xm = torch.ones(B, n, dtype=torch.bool)
     xm[1, 5:] = False
-    kw = dict(eps=0.1, objective=objective, grad=grad, max_iter=5000, tol=1e-15, check_every=5,
-              backend="torch")
+    kw = dict(
+        eps=0.1,
+        objective=objective,
+        grad=grad,
+        max_iter=5000,
+        tol=1e-15,
+        check_every=5,
+        backend="torch",
+    )
     C1 = C.clone().requires_grad_(True)
     val = ok.solve(C1, x_mask=xm, **kw).value
     w = upstream(B, 5)

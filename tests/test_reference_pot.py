@@ -71,10 +71,19 @@ def test_linear_loss_matches_pot_sinkhorn2():
     eps = 0.2
     loss = ok.sinkhorn_loss(x, y, xm, ym, eps=eps, reduction="none", **TIGHT)
     for k in range(x.shape[0]):
-        M, ak, bk = _valid(k, x, y, xm, ym, torch.ones_like(xm, dtype=x.dtype),
-                           torch.ones_like(ym, dtype=x.dtype), "cosine")
-        ref = ot.sinkhorn2(ak, bk, M, reg=eps, method="sinkhorn_log", numItermax=20000,
-                           stopThr=1e-14)
+        M, ak, bk = _valid(
+            k,
+            x,
+            y,
+            xm,
+            ym,
+            torch.ones_like(xm, dtype=x.dtype),
+            torch.ones_like(ym, dtype=x.dtype),
+            "cosine",
+        )
+        ref = ot.sinkhorn2(
+            ak, bk, M, reg=eps, method="sinkhorn_log", numItermax=20000, stopThr=1e-14
+        )
         torch.testing.assert_close(loss[k], ref, rtol=1e-8, atol=1e-12)
 
 
@@ -82,15 +91,25 @@ def test_linear_loss_matches_pot_sinkhorn2():
 def test_unbalanced_matches_pot(rho):
     x, y, xm, ym, a, b = ragged_batch(seed=11, B=4)
     eps = 0.2
-    res = ok.solve_sample(x, y, xm, ym, a, b, eps=eps, rho=rho, objective="entropic",
-                          cost="sqeuclidean", **TIGHT)
+    res = ok.solve_sample(
+        x, y, xm, ym, a, b, eps=eps, rho=rho, objective="entropic", cost="sqeuclidean", **TIGHT
+    )
     P = res.plan()
     for k in range(x.shape[0]):
         xk, yk = x[k][xm[k]], y[k][ym[k]]
         ak, bk = a[k][xm[k]], b[k][ym[k]]  # unbalanced: weights used as given
         M = ok.cost_matrix(xk, yk, "sqeuclidean")
-        sol = ot.solve(M, ak, bk, reg=eps, unbalanced=rho, unbalanced_type="KL",
-                       reg_type="KL", max_iter=200000, tol=1e-15)
+        sol = ot.solve(
+            M,
+            ak,
+            bk,
+            reg=eps,
+            unbalanced=rho,
+            unbalanced_type="KL",
+            reg_type="KL",
+            max_iter=200000,
+            tol=1e-15,
+        )
         Pk = P[k][xm[k]][:, ym[k]]
         torch.testing.assert_close(Pk, sol.plan, rtol=1e-8, atol=1e-12)
         torch.testing.assert_close(res.value_linear[k], sol.value_linear, rtol=1e-8, atol=1e-12)
@@ -116,7 +135,8 @@ def test_batched_equals_pot_batch_solver():
     res = ok.solve(C, eps=eps, **TIGHT)
     a = torch.full((B, n), 1.0 / n, dtype=torch.float64)
     b = torch.full((B, m), 1.0 / m, dtype=torch.float64)
-    sol = solve_batch(M=C, reg=eps, a=a, b=b, max_iter=20000, tol=1e-14,
-                      method="log_sinkhorn", reg_type="kl")
+    sol = solve_batch(
+        M=C, reg=eps, a=a, b=b, max_iter=20000, tol=1e-14, method="log_sinkhorn", reg_type="kl"
+    )
     torch.testing.assert_close(res.value_linear, sol.value_linear, rtol=1e-8, atol=1e-12)
     torch.testing.assert_close(res.plan(), sol.plan, rtol=1e-8, atol=1e-12)
