@@ -35,6 +35,8 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _check_finite_enabled(t: torch.Tensor) -> bool:
     """Finite/negativity checks sync with the device: on CUDA they can be switched off with
     ``OPTICAL_KERNELS_CHECK_INPUTS=0`` (documented opt-out); on CPU they always run."""
+    if torch.compiler.is_compiling():  # a traced graph cannot branch on tensor data
+        return False
     return t.device.type == "cpu" or os.environ.get("OPTICAL_KERNELS_CHECK_INPUTS", "1") != "0"
 
 
@@ -110,7 +112,11 @@ def _config(
             raise ValueError(f"eps_schedule[1] (factor) must be in (0, 1), got {factor}")
         schedule = (start, factor)
     if grad == "auto":
-        grad = "implicit" if objective == "linear" else "envelope"
+        # implicit for linear (unrolled when unbalanced: implicit is balanced-only), else envelope
+        if objective == "linear":
+            grad = "implicit" if rho_f is None else "unrolled"
+        else:
+            grad = "envelope"
     if grad == "implicit" and rho_f is not None and objective == "linear":
         raise NotImplementedError(
             "grad='implicit' is not implemented for unbalanced problems (rho is not None); "
@@ -225,7 +231,6 @@ def _result(
 # --------------------------------------------------------------------------- solvers
 def _solve_points(
     backend_name: str,
-    backend_mod: object,
     x: torch.Tensor,
     y: torch.Tensor,
     x_valid: torch.Tensor,
@@ -236,7 +241,7 @@ def _solve_points(
     cfg: SolverConfig,
 ) -> tuple[SolverOut, torch.Tensor | None]:
     """One OT solve between point sets; returns the output and C when it was materialised."""
-    if hasattr(backend_mod, "forward_sample"):
+    if _backends.fuses_cost(backend_name):
         xs = torch.where(x_valid[..., None], x, 0.0)
         ys = torch.where(y_valid[..., None], y, 0.0)
         if cost == "sqeuclidean":
@@ -339,13 +344,14 @@ def solve_sample(
     aw = _weights("a", a, xm, shape_x, x.device, work, balanced)
     bw = _weights("b", b, ym, shape_y, y.device, work, balanced)
     xv, yv = aw > 0, bw > 0
-    name, mod = _backends.resolve(backend, x.device, x.dtype)
-    out, C = _solve_points(name, mod, x, y, xv, yv, aw, bw, cost, cfg)
+    name = _backends.resolve_name(backend, x.device.type, x.dtype)
+    out, C = _solve_points(name, x, y, xv, yv, aw, bw, cost, cfg)
     value = out.value_linear if objective == "linear" else out.value
     if objective == "divergence":
-        out_xx, _ = _solve_points(name, mod, x, x, xv, xv, aw, aw, cost, cfg)
-        out_yy, _ = _solve_points(name, mod, y, y, yv, yv, bw, bw, cost, cfg)
+        out_xx, _ = _solve_points(name, x, x, xv, xv, aw, aw, cost, cfg)
+        out_yy, _ = _solve_points(name, y, y, yv, yv, bw, bw, cost, cfg)
         value = out.value - 0.5 * (out_xx.value + out_yy.value)
+        value = torch.where(xv.any(1) & yv.any(1), value, 0.0)  # empty: 0, no gradient
     res = _result(out, value, cfg, aw, bw, C, unbatched)
     if C is None:  # fused backend: plan() recomputes C on demand
         xd, yd = x.detach(), y.detach()
@@ -405,7 +411,7 @@ def solve(
     balanced = cfg.rho is None
     aw = _weights("a", a, xm, (B, n), C.device, work, balanced)
     bw = _weights("b", b, ym, (B, m), C.device, work, balanced)
-    name, _ = _backends.resolve(backend, C.device, C.dtype)
+    name = _backends.resolve_name(backend, C.device.type, C.dtype)
     Cw = torch.where((aw > 0)[:, :, None] & (bw > 0)[:, None, :], C.to(work), 0.0).contiguous()
     out = run(name, cfg, C=Cw, a=aw, b=bw)
     value = out.value_linear if objective == "linear" else out.value
@@ -460,7 +466,9 @@ def sinkhorn_loss(
     )
     if reduction == "none":
         return res.value
-    return res.value.sum() if reduction == "sum" else res.value.mean()
+    if reduction == "sum" or res.value.dim() == 0:
+        return res.value.sum()
+    return res.value.sum() / max(res.value.shape[0], 1)  # B = 0 gives 0, not NaN
 
 
 class SinkhornLoss(torch.nn.Module):

@@ -89,15 +89,28 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> tuple[str
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     ok, why = status(backend)
     if not ok:
+        hint = _INSTALL_HINT.get(backend, "")
         raise ValueError(
-            f"backend={backend!r} is not available: {why}. Install: "
-            f"{_INSTALL_HINT.get(backend, '')}".rstrip(": ")
+            f"backend={backend!r} is not available: {why}"
+            + ("" if hint in why else f". To enable it: {hint}")
         )
     if not _supports(backend, device, dtype):
         raise ValueError(
             f"backend={backend!r} does not support {device.type} tensors of dtype {dtype}"
         )
     return backend, load(backend)  # type: ignore[return-value]
+
+
+@torch.compiler.assume_constant_result
+def resolve_name(backend: str, device_type: str, dtype: torch.dtype) -> str:
+    """Name of the backend :func:`resolve` picks; a constant for ``torch.compile`` tracing."""
+    return resolve(backend, torch.device(device_type), dtype)[0]
+
+
+@torch.compiler.assume_constant_result
+def fuses_cost(name: str) -> bool:
+    """Whether backend ``name`` provides ``forward_sample``/``backward_sample``."""
+    return hasattr(load(name), "forward_sample")
 
 
 def _supports(name: str, device: torch.device, dtype: torch.dtype) -> bool:

@@ -300,7 +300,8 @@ def _unrolled(
     la = _safe_log_weights(a, nonempty, va)
     lb = _safe_log_weights(b, nonempty, vb)
     n_iters = out.n_iters
-    for t in range(hist_f.shape[0], 0, -1):
+    last = min(hist_f.shape[0], int(n_iters.max())) if n_iters.numel() else 0
+    for t in range(last, 0, -1):
         act = (n_iters >= t)[:, None]
         eps_t = cfg.eps_at(t)
         lam = cfg.damping(eps_t)
