@@ -112,16 +112,7 @@ def _config(
             raise ValueError(f"eps_schedule[1] (factor) must be in (0, 1), got {factor}")
         schedule = (start, factor)
     if grad == "auto":
-        # implicit for linear (unrolled when unbalanced: implicit is balanced-only), else envelope
-        if objective == "linear":
-            grad = "implicit" if rho_f is None else "unrolled"
-        else:
-            grad = "envelope"
-    if grad == "implicit" and rho_f is not None and objective == "linear":
-        raise NotImplementedError(
-            "grad='implicit' is not implemented for unbalanced problems (rho is not None); "
-            "use grad='envelope' or grad='unrolled'"
-        )
+        grad = "implicit" if objective == "linear" else "envelope"
     if grad == "implicit" and objective != "linear":
         grad = "envelope"  # Danskin: P is the exact gradient of OT_ε at the fixed point
     cfg = SolverConfig(eps_f, rho_f, max_iter_i, tol_f, check_i, schedule, grad)

@@ -216,11 +216,6 @@ def backward(
         return (grad_value + grad_value_linear)[:, None, None] * P
     if cfg.grad != "implicit":
         raise ValueError(f"grad must be one of envelope, implicit, unrolled; got {cfg.grad!r}")
-    if cfg.rho is not None:
-        raise NotImplementedError(
-            "grad='implicit' is not implemented for unbalanced problems (rho is not None); "
-            "use grad='envelope' or grad='unrolled'"
-        )
     return grad_value[:, None, None] * P + grad_value_linear[:, None, None] * implicit_linear_grad(
         C, P, a, b, cfg
     )
@@ -231,16 +226,19 @@ def implicit_linear_grad(
 ) -> torch.Tensor:
     """Exact ``∂<P*(C), C>/∂C`` at the fixed point (DESIGN §3), via batched Jacobi-PCG::
 
-        H = [[diag(P1), P], [Pᵀ, diag(Pᵀ1)]],   H [u; v] = [(P∘C)1; (P∘C)ᵀ1]
+        H = [[κ diag(P1), P], [Pᵀ, κ diag(Pᵀ1)]],   H [u; v] = [(P∘C)1; (P∘C)ᵀ1]
         ∂L/∂C_ij = P_ij (1 + (u_i + v_j − C_ij)/ε)
 
-    H is singular (null space (1, −1)) but the right-hand side is orthogonal to it, so CG
-    converges; invalid entries are decoupled (identity rows, zero rhs).
+    κ = 1 for balanced problems: H is singular (null space (1, −1)) but the right-hand side
+    is orthogonal to it, so CG converges. Unbalanced problems (``rho``) differentiate the
+    damped fixed point ``f = −λε LSE(·)``, λ = ρ/(ρ+ε), which gives κ = 1/λ = 1 + ε/ρ and a
+    positive definite H. Invalid entries are decoupled (identity rows, zero rhs).
     """
     va, vb, _ = _masks(a, b)
     PC = P * C
     rhs_u, rhs_v = PC.sum(2), PC.sum(1)
-    r, c = P.sum(2), P.sum(1)
+    kappa = 1.0 if cfg.rho is None else 1.0 + cfg.eps / cfg.rho
+    r, c = kappa * P.sum(2), kappa * P.sum(1)
     tiny = torch.finfo(C.dtype).tiny
     du = torch.where(va & (r > tiny), r, torch.ones_like(r))
     dv = torch.where(vb & (c > tiny), c, torch.ones_like(c))

@@ -145,7 +145,7 @@ def test_gradcheck_envelope_exact_for_entropic(cost, objective):
     assert torch.autograd.gradcheck(fn, (x, y), atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
-def _fd_check(objective: str, grad: str, rel: float, seed: int = 0):
+def _fd_check(objective: str, grad: str, rel: float, seed: int = 0, rho: float | None = None):
     """Central finite differences of the value in C along a random direction."""
     gen = torch.Generator().manual_seed(seed)
     B, n, m = 3, 7, 5
@@ -154,6 +154,7 @@ def _fd_check(objective: str, grad: str, rel: float, seed: int = 0):
     xm = torch.ones(B, n, dtype=torch.bool)
     xm[1, 5:] = False
     kw = dict(
+        rho=rho,
         eps=0.1,
         objective=objective,
         grad=grad,
@@ -178,6 +179,10 @@ def _fd_check(objective: str, grad: str, rel: float, seed: int = 0):
 
 def test_implicit_matches_finite_differences():
     _fd_check("linear", "implicit", rel=1e-6)
+
+
+def test_unbalanced_implicit_matches_finite_differences():
+    _fd_check("linear", "implicit", rel=1e-6, rho=0.7, seed=1)
 
 
 def test_envelope_is_exact_for_entropic():
