@@ -1,0 +1,649 @@
+"""The ``cuda`` backend: resident CUDA C++ kernels (``optical_kernels._cuda``, csrc/cuda).
+
+Implements the backend contract of :mod:`optical_kernels.config` for CUDA tensors with
+``n, m ≤ 256`` (:data:`MAX_SIZE`): ``forward``, ``backward``, ``forward_sample``,
+``backward_sample`` and ``is_available``. Larger problems raise ``ValueError``; the API routes
+them to another backend.
+
+One thread block per problem (DESIGN §5, resident kernel):
+
+* the cost tile ``C`` [n, m] lives in shared memory for the whole solve (copied from ``C``, or
+  computed as ``x yᵀ`` on tensor cores — 3xTF32 for float32 points, native MMA for
+  float16/bfloat16 points with float32 accumulation, a shared-memory tiled FMA product for
+  float64); when it does not fit (e.g. 256 x 256 float32) it stays in a global workspace
+  (L2-resident);
+* every iteration runs on chip: ``f_i ← −λε LSE_j[log b_j + (g_j − C_ij)/ε]`` with a group of
+  lanes per row (warp-shuffle max and sum), ``g_j`` with one thread per column and an online
+  single-exponential LSE; all exponentials are shifted by their running maximum, computed as
+  ``exp2`` with ``log2(e)/ε`` folded in;
+* per-problem convergence every ``check_every`` iterations (``err < tol`` with the L1
+  row-marginal error), ε-scaling and unbalanced damping exactly as :mod:`optical_kernels.config`;
+* backward: ``envelope`` ``(gv + gl) P``; ``implicit`` Jacobi-preconditioned CG on the
+  DESIGN §3 system on chip (restricted to valid entries; unbalanced problems use
+  ``κ = 1 + ε/ρ`` on the diagonal, as the ``cpu`` backend); ``unrolled`` replays the stored
+  potentials ``history = (hist_f [T, B, n], hist_g [T, B, m])`` in reverse; ``*_sample``
+  finish with the chain rule ``dx``, ``dy`` (tensor-core products ``G ŷ``, ``Gᵀ x̂``).
+
+The kernels are launched on ``torch.cuda.current_stream()`` without host synchronisation. Each
+entry point is a ``torch.library.custom_op`` (``optical_kernels::cuda_forward``,
+``cuda_backward``, ``cuda_forward_sample``, ``cuda_backward_sample``) with a fake
+implementation, so ``torch.compile`` can trace through it.
+
+Environment: ``OPTICAL_KERNELS_CUDA_MMA=0`` disables the tensor-core products (FMA fallback).
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from .config import SolverConfig, SolverOut
+
+try:  # the compiled extension is optional (built by setup.py only where nvcc exists)
+    from . import _cuda  # type: ignore[attr-defined]
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _cuda = None
+    _IMPORT_ERROR = str(exc)
+
+#: Largest n and m the resident kernels accept.
+MAX_SIZE = 256
+_MODES = {"envelope": 0, "implicit": 1, "unrolled": 2}
+_COSTS = {"cosine": 1, "sqeuclidean": 2, "dot": 3}
+_DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+# Module that launches the kernels: optical_kernels._cuda, or (tests only) the CPU emulator
+# build optical_kernels._cuda_emu installed by _use_module(), which takes host pointers.
+_impl: ModuleType | None = _cuda
+_emulated = False
+# Test hook: plan for this much shared memory per block instead of the device's (forces the
+# global-workspace fallback of the cost / work tiles when small). None: the device's.
+_SMEM_LIMIT: int | None = None
+
+
+def _use_module(mod: ModuleType | None) -> None:
+    """Test hook: launch through ``mod`` (e.g. the CPU emulator build); ``None`` restores
+    ``optical_kernels._cuda``. The emulator accepts CPU tensors."""
+    global _impl, _emulated
+    _impl = _cuda if mod is None else mod
+    _emulated = bool(getattr(mod, "EMULATED", False)) if mod is not None else False
+
+
+def is_available() -> tuple[bool, str]:
+    """``(True, info)`` when ``optical_kernels._cuda`` is built and a CUDA device is usable."""
+    if _emulated:
+        return True, "CPU emulator build of the CUDA kernels (tests only)"
+    if _cuda is None:
+        return False, (
+            f"optical_kernels._cuda is not built ({_IMPORT_ERROR}); build it with nvcc present "
+            "(`pip install -e .`), on a machine with the CUDA toolkit"
+        )
+    if not torch.cuda.is_available():
+        return False, "torch reports no usable CUDA device (torch.cuda.is_available() is False)"
+    if _cuda.device_count() == 0:
+        return False, f"optical_kernels._cuda sees no CUDA device ({_cuda.device_error()})"
+    return True, f"CUDA C++ resident kernels, one block per problem (n, m <= {MAX_SIZE})"
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """CUDA tensors of a floating dtype (problem sizes are checked at call time)."""
+    on_device = torch.device(device).type == "cuda" or _emulated
+    return on_device and dtype in _DTYPES
+
+
+# --------------------------------------------------------------------------- helpers
+def _use_mma() -> bool:
+    return os.environ.get("OPTICAL_KERNELS_CUDA_MMA", "1") != "0"
+
+
+def _check_types(*named: tuple[str, object]) -> None:
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _require_device(*named: tuple[str, Tensor]) -> None:
+    """CUDA tensors on one device and a usable module (the emulator takes CPU tensors)."""
+    if _emulated:
+        return
+    dev = named[0][1].device
+    for name, t in named:
+        if t.device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors; {name} is on {t.device}")
+        if t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but {named[0][0]} is on {dev}")
+    ok, why = is_available()
+    if not ok:
+        raise RuntimeError(f"backend='cuda' is not available: {why}")
+
+
+def _check_size(n: int, m: int) -> None:
+    if n > MAX_SIZE or m > MAX_SIZE:
+        raise ValueError(
+            f"backend='cuda' handles n, m <= {MAX_SIZE} (resident kernels); got n={n}, m={m}. "
+            "Use backend='triton' or 'torch' for larger problems"
+        )
+
+
+def _work(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _stream(t: Tensor) -> int:
+    if t.device.type != "cuda":
+        return 0
+    return int(torch.cuda.current_stream(t.device).cuda_stream)
+
+
+def _params(B: int, n: int, m: int, dt: torch.dtype, like: Tensor, cfg: SolverConfig) -> object:
+    p = _impl.Params()  # type: ignore[union-attr]
+    p.B, p.n, p.m = B, n, m
+    p.dtype = _DTYPES[dt]
+    p.eps = float(cfg.eps)
+    p.rho = -1.0 if cfg.rho is None else float(cfg.rho)
+    p.max_iter = int(cfg.max_iter)
+    p.tol = float(cfg.tol)
+    p.check_every = int(cfg.check_every)
+    if cfg.eps_schedule is not None:
+        p.has_sched = 1
+        p.sched_start, p.sched_factor = (float(v) for v in cfg.eps_schedule)
+    p.use_mma = 1 if _use_mma() else 0
+    p.stream = _stream(like)
+    if like.device.type == "cuda":
+        p.device = (
+            like.device.index if like.device.index is not None else torch.cuda.current_device()
+        )
+    if _SMEM_LIMIT is not None:
+        p.smem_limit = int(_SMEM_LIMIT)
+    return p
+
+
+def _workspace(p: object, backward: bool, like: Tensor) -> Tensor | None:
+    nbytes = int(_impl.workspace_bytes(p, backward))  # type: ignore[union-attr]
+    if nbytes <= 0:
+        return None
+    ws = torch.empty(nbytes + 256, dtype=torch.uint8, device=like.device)
+    addr = ws.data_ptr()
+    p.workspace = addr + (-addr) % 256  # type: ignore[attr-defined]
+    p.workspace_bytes = nbytes  # type: ignore[attr-defined]
+    return ws
+
+
+def _launch(p: object, backward: bool, like: Tensor) -> None:
+    # the workspace is allocated on the current stream and only used there: the caching
+    # allocator may reuse it for later work of that stream once this function returns
+    ws = _workspace(p, backward, like)  # noqa: F841 (kept alive across the launch)
+    if backward:
+        _impl.backward(p)  # type: ignore[union-attr]
+    else:
+        _impl.forward(p)  # type: ignore[union-attr]
+
+
+def _cfg(
+    eps: float,
+    rho: float | None,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    sched_start: float | None,
+    sched_factor: float | None,
+    grad: str,
+    cg_max_iter: int = 0,
+    cg_tol: float = 0.0,
+) -> SolverConfig:
+    sched = None if sched_start is None else (float(sched_start), float(sched_factor or 0.5))
+    return SolverConfig(eps, rho, max_iter, tol, check_every, sched, grad, cg_max_iter, cg_tol)
+
+
+def _cfg_args(cfg: SolverConfig) -> tuple:
+    start, factor = cfg.eps_schedule if cfg.eps_schedule is not None else (None, None)
+    return (cfg.eps, cfg.rho, cfg.max_iter, cfg.tol, cfg.check_every, start, factor, cfg.grad)
+
+
+_FwdOuts = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _alloc_forward(
+    B: int, n: int, m: int, dt: torch.dtype, device: torch.device, unrolled: bool, T: int
+) -> _FwdOuts:
+    z = dict(dtype=dt, device=device)
+    return (
+        torch.empty(B, n, **z),
+        torch.empty(B, m, **z),
+        torch.empty(B, **z),
+        torch.empty(B, **z),
+        torch.empty(B, dtype=torch.int32, device=device),
+        torch.empty(B, **z),
+        torch.zeros(T if unrolled else 0, B, n, **z),
+        torch.zeros(T if unrolled else 0, B, m, **z),
+    )
+
+
+def _set_forward_outputs(p: object, outs: _FwdOuts, unrolled: bool) -> None:
+    f, g, value, value_linear, n_iters, err, hf, hg = outs
+    p.f, p.g = f.data_ptr(), g.data_ptr()  # type: ignore[attr-defined]
+    p.value, p.value_linear = value.data_ptr(), value_linear.data_ptr()  # type: ignore[attr-defined]
+    p.n_iters, p.err = n_iters.data_ptr(), err.data_ptr()  # type: ignore[attr-defined]
+    if unrolled:
+        p.hist_f, p.hist_g, p.hist_T = hf.data_ptr(), hg.data_ptr(), hf.shape[0]  # type: ignore[attr-defined]
+
+
+def _zero_outputs(outs: _FwdOuts) -> None:
+    for t in outs:
+        t.zero_()
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("optical_kernels::cuda_forward", mutates_args=())
+def cuda_forward_op(
+    C: Tensor,
+    a: Tensor,
+    b: Tensor,
+    eps: float,
+    rho: float | None,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    sched_start: float | None,
+    sched_factor: float | None,
+    grad: str,
+) -> _FwdOuts:
+    """Resident forward on C [B, n, m] -> (f, g, value, value_linear, n_iters, err, hf, hg)."""
+    cfg = _cfg(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    B, n, m = C.shape
+    unrolled = grad == "unrolled"
+    outs = _alloc_forward(B, n, m, C.dtype, C.device, unrolled, max_iter)
+    if B == 0 or n == 0 or m == 0:
+        _zero_outputs(outs)
+        return outs
+    a, b = a.contiguous(), b.contiguous()
+    p = _params(B, n, m, C.dtype, C, cfg)
+    p.in_dtype = p.dtype
+    p.cost = 0
+    p.C = C.data_ptr()
+    p.sC = tuple(C.stride())
+    p.a, p.b = a.data_ptr(), b.data_ptr()
+    _set_forward_outputs(p, outs, unrolled)
+    _launch(p, False, C)
+    return outs
+
+
+@cuda_forward_op.register_fake
+def _(C, a, b, eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad):  # noqa: ANN001, ANN202
+    B, n, m = C.shape
+    return _alloc_forward_fake(B, n, m, C, grad == "unrolled", max_iter)
+
+
+def _alloc_forward_fake(B: int, n: int, m: int, like: Tensor, unrolled: bool, T: int) -> _FwdOuts:
+    T = T if unrolled else 0
+    return (
+        like.new_empty(B, n),
+        like.new_empty(B, m),
+        like.new_empty(B),
+        like.new_empty(B),
+        like.new_empty(B, dtype=torch.int32),
+        like.new_empty(B),
+        like.new_empty(T, B, n),
+        like.new_empty(T, B, m),
+    )
+
+
+@torch.library.custom_op("optical_kernels::cuda_forward_sample", mutates_args=())
+def cuda_forward_sample_op(
+    x: Tensor,
+    y: Tensor,
+    a: Tensor,
+    b: Tensor,
+    cost: str,
+    eps: float,
+    rho: float | None,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    sched_start: float | None,
+    sched_factor: float | None,
+    grad: str,
+) -> _FwdOuts:
+    """Resident forward with the cost fused from x [B, n, d], y [B, m, d]; outputs in a.dtype."""
+    cfg = _cfg(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    B, n, d = x.shape
+    m = y.shape[1]
+    unrolled = grad == "unrolled"
+    outs = _alloc_forward(B, n, m, a.dtype, a.device, unrolled, max_iter)
+    if B == 0 or n == 0 or m == 0:
+        _zero_outputs(outs)
+        return outs
+    a, b = a.contiguous(), b.contiguous()
+    p = _params(B, n, m, a.dtype, a, cfg)
+    _set_points(p, x, y, cost)
+    p.a, p.b = a.data_ptr(), b.data_ptr()
+    _set_forward_outputs(p, outs, unrolled)
+    _launch(p, False, a)
+    return outs
+
+
+@cuda_forward_sample_op.register_fake
+def _(x, y, a, b, cost, eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad):  # noqa: ANN001, ANN202
+    return _alloc_forward_fake(x.shape[0], x.shape[1], y.shape[1], a, grad == "unrolled", max_iter)
+
+
+def _set_points(p: object, x: Tensor, y: Tensor, cost: str) -> None:
+    p.cost = _COSTS[cost]  # type: ignore[attr-defined]
+    p.in_dtype = _DTYPES[x.dtype]  # type: ignore[attr-defined]
+    p.d = x.shape[2]  # type: ignore[attr-defined]
+    p.x, p.sx = x.data_ptr(), tuple(x.stride())  # type: ignore[attr-defined]
+    p.y, p.sy = y.data_ptr(), tuple(y.stride())  # type: ignore[attr-defined]
+
+
+def _set_backward_inputs(
+    p: object,
+    f: Tensor,
+    g: Tensor,
+    n_iters: Tensor,
+    hist_f: Tensor,
+    hist_g: Tensor,
+    grad_value: Tensor,
+    grad_value_linear: Tensor,
+    mode: str,
+    cg_max_iter: int,
+    cg_tol: float,
+) -> tuple[Tensor, ...]:
+    """Point ``p`` at the backward inputs; returns the (contiguous) tensors to keep alive."""
+    f, g, n_iters = f.contiguous(), g.contiguous(), n_iters.contiguous()
+    hist_f, hist_g = hist_f.contiguous(), hist_g.contiguous()
+    grad_value, grad_value_linear = grad_value.contiguous(), grad_value_linear.contiguous()
+    p.mode = _MODES[mode]  # type: ignore[attr-defined]
+    p.f, p.g, p.n_iters = f.data_ptr(), g.data_ptr(), n_iters.data_ptr()  # type: ignore[attr-defined]
+    if mode == "unrolled" and hist_f.numel() > 0 and hist_g.numel() > 0:
+        p.hist_f, p.hist_g, p.hist_T = hist_f.data_ptr(), hist_g.data_ptr(), hist_f.shape[0]  # type: ignore[attr-defined]
+    p.grad_value = grad_value.data_ptr()  # type: ignore[attr-defined]
+    p.grad_value_linear = grad_value_linear.data_ptr()  # type: ignore[attr-defined]
+    p.cg_max_iter, p.cg_tol = int(cg_max_iter), float(cg_tol)  # type: ignore[attr-defined]
+    return f, g, n_iters, hist_f, hist_g, grad_value, grad_value_linear
+
+
+@torch.library.custom_op("optical_kernels::cuda_backward", mutates_args=())
+def cuda_backward_op(
+    C: Tensor,
+    a: Tensor,
+    b: Tensor,
+    f: Tensor,
+    g: Tensor,
+    n_iters: Tensor,
+    hist_f: Tensor,
+    hist_g: Tensor,
+    grad_value: Tensor,
+    grad_value_linear: Tensor,
+    eps: float,
+    rho: float | None,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    sched_start: float | None,
+    sched_factor: float | None,
+    grad: str,
+    cg_max_iter: int,
+    cg_tol: float,
+) -> Tensor:
+    """dL/dC [B, n, m] for the gradient mode ``grad``."""
+    cfg = _cfg(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    B, n, m = C.shape
+    G = torch.empty(B, n, m, dtype=C.dtype, device=C.device)
+    if B == 0 or n == 0 or m == 0:
+        return G.zero_()
+    a, b = a.contiguous(), b.contiguous()
+    p = _params(B, n, m, C.dtype, C, cfg)
+    p.in_dtype = p.dtype
+    p.cost = 0
+    p.C, p.sC = C.data_ptr(), tuple(C.stride())
+    p.a, p.b = a.data_ptr(), b.data_ptr()
+    keep = _set_backward_inputs(
+        p, f, g, n_iters, hist_f, hist_g, grad_value, grad_value_linear, grad, cg_max_iter, cg_tol
+    )
+    p.G = G.data_ptr()
+    _launch(p, True, C)
+    del keep
+    return G
+
+
+@cuda_backward_op.register_fake
+def _(C, *args):  # noqa: ANN001, ANN002, ANN202
+    return torch.empty_like(C)
+
+
+@torch.library.custom_op("optical_kernels::cuda_backward_sample", mutates_args=())
+def cuda_backward_sample_op(
+    x: Tensor,
+    y: Tensor,
+    a: Tensor,
+    b: Tensor,
+    f: Tensor,
+    g: Tensor,
+    n_iters: Tensor,
+    hist_f: Tensor,
+    hist_g: Tensor,
+    grad_value: Tensor,
+    grad_value_linear: Tensor,
+    cost: str,
+    need_dy: bool,
+    eps: float,
+    rho: float | None,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    sched_start: float | None,
+    sched_factor: float | None,
+    grad: str,
+    cg_max_iter: int,
+    cg_tol: float,
+) -> tuple[Tensor, Tensor]:
+    """(dL/dx [B, n, d], dL/dy [B, m, d] or an empty tensor), in a.dtype."""
+    cfg = _cfg(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    B, n, d = x.shape
+    m = y.shape[1]
+    dx = torch.empty(B, n, d, dtype=a.dtype, device=a.device)
+    dy = torch.empty(B if need_dy else 0, m, d, dtype=a.dtype, device=a.device)
+    if B == 0 or n == 0 or m == 0:
+        return dx.zero_(), dy.zero_()
+    a, b = a.contiguous(), b.contiguous()
+    p = _params(B, n, m, a.dtype, a, cfg)
+    _set_points(p, x, y, cost)
+    p.a, p.b = a.data_ptr(), b.data_ptr()
+    keep = _set_backward_inputs(
+        p, f, g, n_iters, hist_f, hist_g, grad_value, grad_value_linear, grad, cg_max_iter, cg_tol
+    )
+    p.dx = dx.data_ptr()
+    if need_dy:
+        p.dy, p.need_dy = dy.data_ptr(), 1
+    _launch(p, True, a)
+    del keep
+    return dx, dy
+
+
+@cuda_backward_sample_op.register_fake
+def _(x, y, a, b, f, g, n_iters, hist_f, hist_g, gv, gl, cost, need_dy, *args):  # noqa: ANN001, ANN002, ANN202
+    B, n, d = x.shape
+    return a.new_empty(B, n, d), a.new_empty(B if need_dy else 0, y.shape[1], d)
+
+
+# --------------------------------------------------------------------------- contract
+def _check_weights(
+    C_shape: tuple[int, int, int], a: Tensor, b: Tensor, dt: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    B, n, m = C_shape
+    if tuple(a.shape) != (B, n):
+        raise ValueError(f"a must have shape {(B, n)}, got {tuple(a.shape)}")
+    if tuple(b.shape) != (B, m):
+        raise ValueError(f"b must have shape {(B, m)}, got {tuple(b.shape)}")
+    for name, t in (("a", a), ("b", b)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    return a.detach().to(dt).contiguous(), b.detach().to(dt).contiguous()
+
+
+def _check_matrix(C: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    _check_types(("C", C), ("a", a), ("b", b))
+    if not C.is_floating_point():
+        raise TypeError(f"C must be a floating tensor, got {C.dtype}")
+    if C.dim() != 3:
+        raise ValueError(f"C must have shape [B, n, m], got {tuple(C.shape)}")
+    _check_size(C.shape[1], C.shape[2])
+    _require_device(("C", C), ("a", a), ("b", b))
+    C = _work(C.detach())
+    if C.stride(-1) != 1:
+        C = C.contiguous()
+    a, b = _check_weights(tuple(C.shape), a, b, C.dtype)
+    return C, a, b
+
+
+def _check_points(x: Tensor, y: Tensor, a: Tensor, b: Tensor, cost: str) -> tuple[Tensor, ...]:
+    _check_types(("x", x), ("y", y), ("a", a), ("b", b))
+    if cost not in _COSTS:
+        raise ValueError(f"cost must be one of {tuple(_COSTS)}, got {cost!r}")
+    if x.dim() != 3 or y.dim() != 3:
+        raise ValueError(
+            f"x, y must be [B, n, d], [B, m, d]; got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
+    if x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} disagree on B or d")
+    if x.dtype != y.dtype or x.dtype not in _DTYPES:
+        raise TypeError(f"x and y must share a floating dtype, got {x.dtype} and {y.dtype}")
+    _check_size(x.shape[1], y.shape[1])
+    _require_device(("x", x), ("y", y), ("a", a), ("b", b))
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if a.dtype == torch.float64 and x.dtype != torch.float64:
+        x, y = x.to(torch.float64), y.to(torch.float64)
+        dt = torch.float64
+    x, y = x.detach(), y.detach()
+    if x.shape[2] > 0 and x.stride(-1) != 1:
+        x = x.contiguous()
+    if y.shape[2] > 0 and y.stride(-1) != 1:
+        y = y.contiguous()
+    a, b = _check_weights((x.shape[0], x.shape[1], y.shape[1]), a, b, dt)
+    return x, y, a, b
+
+
+def _grads(B: int, gv: Tensor | None, gl: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
+    gv = like.new_zeros(B) if gv is None else gv.detach().to(like.dtype).reshape(B)
+    gl = like.new_zeros(B) if gl is None else gl.detach().to(like.dtype).reshape(B)
+    return gv.contiguous(), gl.contiguous()
+
+
+def _history(
+    out: SolverOut, cfg: SolverConfig, like: Tensor, B: int, n: int, m: int
+) -> tuple[Tensor, Tensor]:
+    if cfg.grad == "unrolled" and out.history is not None:
+        hf, hg = out.history
+        hf = hf.detach().to(like.dtype).contiguous()
+        hg = hg.detach().to(like.dtype).contiguous()
+        T = hf.shape[0]
+        if tuple(hf.shape) != (T, B, n) or tuple(hg.shape) != (T, B, m):
+            raise ValueError(
+                f"out.history must be (hist_f [T, {B}, {n}], hist_g [T, {B}, {m}]), got "
+                f"{tuple(hf.shape)}, {tuple(hg.shape)}"
+            )
+        return hf, hg
+    return like.new_zeros(0, B, n), like.new_zeros(0, B, m)
+
+
+def _check_grad_mode(cfg: SolverConfig) -> None:
+    if cfg.grad not in _MODES:
+        raise ValueError(f"grad must be one of {tuple(_MODES)}, got {cfg.grad!r}")
+
+
+def forward(C: Tensor, a: Tensor, b: Tensor, cfg: SolverConfig) -> SolverOut:
+    """Solve a padded batch: ``C`` [B, n, m], ``a`` [B, n], ``b`` [B, m] -> :class:`SolverOut`.
+
+    Same map, stopping rule, values and conventions as :func:`optical_kernels.reference.forward`
+    (0 at padded positions; empty problems give zeros and ``n_iters = 0``). For
+    ``cfg.grad == "unrolled"``, ``history = (hist_f [max_iter, B, n], hist_g [max_iter, B, m])``
+    (rows past ``n_iters`` are 0 and never read). float16/bfloat16 ``C`` is upcast to float32.
+    """
+    C, a, b = _check_matrix(C, a, b)
+    outs = cuda_forward_op(C, a, b, *_cfg_args(cfg))
+    return _to_out(outs, cfg)
+
+
+def _to_out(outs: _FwdOuts, cfg: SolverConfig) -> SolverOut:
+    f, g, value, value_linear, n_iters, err, hf, hg = outs
+    history = (hf, hg) if cfg.grad == "unrolled" else None
+    return SolverOut(f, g, value, value_linear, n_iters, err, history)
+
+
+def backward(
+    C: Tensor,
+    a: Tensor,
+    b: Tensor,
+    out: SolverOut,
+    grad_value: Tensor | None,
+    grad_value_linear: Tensor | None,
+    cfg: SolverConfig,
+) -> Tensor:
+    """``∂(Σ_k gv_k value_k + gl_k value_linear_k)/∂C`` [B, n, m] for ``cfg.grad``.
+
+    ``envelope``: ``(gv + gl) P``. ``implicit``: ``gv P + gl ∂<P*, C>/∂C`` (DESIGN §3, CG on
+    chip; for unbalanced problems, which the reference does not implement, the diagonal of H
+    carries ``κ = 1 + ε/ρ`` as in the ``cpu`` backend). ``unrolled``: reverse replay of
+    ``out.history``; without a history only the direct partials at the final potentials
+    (as the reference).
+    """
+    _check_grad_mode(cfg)
+    C, a, b = _check_matrix(C, a, b)
+    B, n, m = C.shape
+    gv, gl = _grads(B, grad_value, grad_value_linear, C)
+    hf, hg = _history(out, cfg, C, B, n, m)
+    f = out.f.detach().to(C.dtype).contiguous()
+    g = out.g.detach().to(C.dtype).contiguous()
+    n_iters = out.n_iters.detach().to(torch.int32).contiguous()
+    return cuda_backward_op(
+        C, a, b, f, g, n_iters, hf, hg, gv, gl, *_cfg_args(cfg), cfg.cg_max_iter, cfg.cg_tol
+    )
+
+
+def forward_sample(
+    x: Tensor, y: Tensor, a: Tensor, b: Tensor, cost: str, cfg: SolverConfig
+) -> SolverOut:
+    """Solve with the cost fused from points: ``x`` [B, n, d], ``y`` [B, m, d] (padded rows
+    0; centred for ``sqeuclidean``), ``cost`` in ``cosine | sqeuclidean | dot``.
+
+    Outputs have ``a``'s dtype (float32 for float16/bfloat16 points, which are read as is and
+    multiplied on tensor cores with float32 accumulation).
+    """
+    x, y, a, b = _check_points(x, y, a, b, cost)
+    outs = cuda_forward_sample_op(x, y, a, b, cost, *_cfg_args(cfg))
+    return _to_out(outs, cfg)
+
+
+def backward_sample(
+    x: Tensor,
+    y: Tensor,
+    a: Tensor,
+    b: Tensor,
+    cost: str,
+    out: SolverOut,
+    grad_value: Tensor | None,
+    grad_value_linear: Tensor | None,
+    cfg: SolverConfig,
+    need_dy: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``(∂L/∂x [B, n, d], ∂L/∂y [B, m, d] or None)`` in x's dtype: ``G = ∂L/∂C`` as in
+    :func:`backward`, then the chain rule of :func:`optical_kernels.costs.cost_vjp`."""
+    _check_grad_mode(cfg)
+    x_dtype = x.dtype
+    x, y, a, b = _check_points(x, y, a, b, cost)
+    B, n, _ = x.shape
+    m = y.shape[1]
+    gv, gl = _grads(B, grad_value, grad_value_linear, a)
+    hf, hg = _history(out, cfg, a, B, n, m)
+    f = out.f.detach().to(a.dtype).contiguous()
+    g = out.g.detach().to(a.dtype).contiguous()
+    n_iters = out.n_iters.detach().to(torch.int32).contiguous()
+    dx, dy = cuda_backward_sample_op(
+        x, y, a, b, f, g, n_iters, hf, hg, gv, gl, cost, bool(need_dy), *_cfg_args(cfg),
+        cfg.cg_max_iter, cfg.cg_tol,
+    )  # fmt: skip
+    return dx.to(x_dtype), (dy.to(x_dtype) if need_dy else None)
