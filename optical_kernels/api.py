@@ -335,7 +335,7 @@ def solve_sample(
     aw = _weights("a", a, xm, shape_x, x.device, work, balanced)
     bw = _weights("b", b, ym, shape_y, y.device, work, balanced)
     xv, yv = aw > 0, bw > 0
-    name = _backends.resolve_name(backend, x.device.type, x.dtype)
+    name = _backends.resolve_name(backend, x.device.type, x.dtype, max(n, m))
     out, C = _solve_points(name, x, y, xv, yv, aw, bw, cost, cfg)
     value = out.value_linear if objective == "linear" else out.value
     if objective == "divergence":
@@ -402,7 +402,7 @@ def solve(
     balanced = cfg.rho is None
     aw = _weights("a", a, xm, (B, n), C.device, work, balanced)
     bw = _weights("b", b, ym, (B, m), C.device, work, balanced)
-    name = _backends.resolve_name(backend, C.device.type, C.dtype)
+    name = _backends.resolve_name(backend, C.device.type, C.dtype, max(n, m))
     Cw = torch.where((aw > 0)[:, :, None] & (bw > 0)[:, None, :], C.to(work), 0.0).contiguous()
     out = run(name, cfg, C=Cw, a=aw, b=bw)
     value = out.value_linear if objective == "linear" else out.value

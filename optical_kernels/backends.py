@@ -61,11 +61,14 @@ def backends() -> dict[str, dict[str, object]]:
     return {name: dict(zip(("available", "reason"), status(name))) for name in BACKENDS}
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> tuple[str, ModuleType]:
+def resolve(
+    backend: str, device: torch.device, dtype: torch.dtype, max_side: int = 0
+) -> tuple[str, ModuleType]:
     """Pick the backend module for ``backend`` (``auto`` or a name) on ``device``.
 
     ``auto``: CUDA tensors -> ``triton`` (then ``cuda``), CPU tensors -> ``cpu``; falls back to
-    ``torch`` with a one-time warning when the preferred backend is unavailable. Set
+    ``torch`` with a one-time warning when the preferred backend is unavailable (a backend
+    with a ``MAX_SIZE`` smaller than ``max_side`` = max(n, m) is skipped). Set
     ``OPTICAL_KERNELS_QUIET=1`` to silence the warning. An explicitly named backend that is
     unavailable raises ``ValueError`` naming what to install.
     """
@@ -73,7 +76,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> tuple[str
         prefs = ["triton", "cuda"] if device.type == "cuda" else ["cpu"]
         for name in prefs:
             ok, why = status(name)
-            if ok and _supports(name, device, dtype):
+            if ok and _supports(name, device, dtype) and _fits(name, max_side):
                 return name, load(name)  # type: ignore[return-value]
         key = f"{device.type}:{prefs[0]}"
         if key not in _warned and not os.environ.get("OPTICAL_KERNELS_QUIET"):
@@ -102,9 +105,14 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> tuple[str
 
 
 @torch.compiler.assume_constant_result
-def resolve_name(backend: str, device_type: str, dtype: torch.dtype) -> str:
+def resolve_name(backend: str, device_type: str, dtype: torch.dtype, max_side: int = 0) -> str:
     """Name of the backend :func:`resolve` picks; a constant for ``torch.compile`` tracing."""
-    return resolve(backend, torch.device(device_type), dtype)[0]
+    return resolve(backend, torch.device(device_type), dtype, max_side)[0]
+
+
+def _fits(name: str, max_side: int) -> bool:
+    limit = getattr(load(name), "MAX_SIZE", None)
+    return limit is None or max_side <= limit
 
 
 @torch.compiler.assume_constant_result
