@@ -1,0 +1,166 @@
+// Portable fixed-width SIMD (GCC/Clang vector extensions) and fast vectorised exp/log.
+//
+// One vector is 64 bytes (16 floats or 8 doubles). With -march=native on an AVX-512 host this
+// is one zmm register; on AVX2 the compiler splits it into two ymm registers, on SSE2 into
+// four xmm registers, on NEON into four q registers: the same source serves every ISA.
+//
+// exp: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, then a minimax polynomial
+// (Cephes expf, ~1 ulp) for float and a degree-13 Taylor polynomial (< 1 ulp) for double;
+// 2^n is built in the exponent bits. Inputs below the smallest normal result give exactly 0
+// (never subnormals, never garbage); large inputs saturate at about e^88 / e^709.
+// log: Cephes logf (~1 ulp) for positive normal floats; double uses std::log per lane.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace okc {
+
+template <class T>
+struct Simd;
+
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+  static constexpr int L = 16;
+
+  static inline V load(const float* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static inline void store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  // Scalar-vector operations broadcast the scalar (GCC/Clang vector extensions).
+  static inline V set1(float x) { return x - V{}; }
+  static inline I iset1(int32_t x) { return x + I{}; }
+  static inline V sel(I m, V a, V b) { return (V)((m & (I)a) | (~m & (I)b)); }
+  static inline V vmax(V a, V b) { return sel(a > b, a, b); }
+  static inline V vmin(V a, V b) { return sel(a < b, a, b); }
+  static inline float hsum(V v) {
+    float s = 0.f;
+    for (int k = 0; k < L; ++k) s += v[k];
+    return s;
+  }
+  static inline float hmax(V v) {
+    float s = v[0];
+    for (int k = 1; k < L; ++k) s = v[k] > s ? v[k] : s;
+    return s;
+  }
+
+  static inline V exp(V x) {
+    const V lo = set1(-87.33654f), hi = set1(88.0f);
+    const I under = x < lo;
+    x = sel(x > hi, hi, x);
+    x = sel(under, lo, x);
+    const V magic = set1(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+    const V t = x * set1(1.44269504088896341f) + magic;
+    const V n = t - magic;
+    const I ni = (I)t - iset1(0x4B400000);
+    V r = x - n * set1(0.693359375f);
+    r = r - n * set1(-2.12194440e-4f);
+    V p = set1(1.9875691500E-4f);
+    p = p * r + set1(1.3981999507E-3f);
+    p = p * r + set1(8.3334519073E-3f);
+    p = p * r + set1(4.1665795894E-2f);
+    p = p * r + set1(1.6666665459E-1f);
+    p = p * r + set1(5.0000001201E-1f);
+    V y = p * (r * r) + r + set1(1.0f);
+    const I e = (ni + iset1(127)) << 23;
+    y = y * (V)e;
+    return sel(under, set1(0.f), y);
+  }
+
+  // Natural log of positive normal numbers.
+  static inline V log(V x) {
+    const I xi = (I)x;
+    I e = ((xi >> 23) & iset1(0xff)) - iset1(126);
+    const V mnt = (V)((xi & iset1(0x007fffff)) | iset1(0x3f000000));  // [0.5, 1)
+    const I small = mnt < set1(0.707106781186547524f);
+    e = e + small;  // small is -1 where true
+    const V z0 = sel(small, mnt + mnt, mnt) - set1(1.f);
+    const V z = z0 * z0;
+    V y = set1(7.0376836292E-2f);
+    y = y * z0 + set1(-1.1514610310E-1f);
+    y = y * z0 + set1(1.1676998740E-1f);
+    y = y * z0 + set1(-1.2420140846E-1f);
+    y = y * z0 + set1(1.4249322787E-1f);
+    y = y * z0 + set1(-1.6668057665E-1f);
+    y = y * z0 + set1(2.0000714765E-1f);
+    y = y * z0 + set1(-2.4999993993E-1f);
+    y = y * z0 + set1(3.3333331174E-1f);
+    y = y * z0 * z;
+    const V ef = __builtin_convertvector(e, V);
+    y = y + ef * set1(-2.12194440e-4f);
+    y = y - set1(0.5f) * z;
+    return z0 + y + ef * set1(0.693359375f);
+  }
+};
+
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(64)));
+  typedef int64_t I __attribute__((vector_size(64)));
+  static constexpr int L = 8;
+
+  static inline V load(const double* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static inline void store(double* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  static inline V set1(double x) { return x - V{}; }
+  static inline I iset1(int64_t x) { return x + I{}; }
+  static inline V sel(I m, V a, V b) { return (V)((m & (I)a) | (~m & (I)b)); }
+  static inline V vmax(V a, V b) { return sel(a > b, a, b); }
+  static inline V vmin(V a, V b) { return sel(a < b, a, b); }
+  static inline double hsum(V v) {
+    double s = 0.0;
+    for (int k = 0; k < L; ++k) s += v[k];
+    return s;
+  }
+  static inline double hmax(V v) {
+    double s = v[0];
+    for (int k = 1; k < L; ++k) s = v[k] > s ? v[k] : s;
+    return s;
+  }
+
+  static inline V exp(V x) {
+    const V lo = set1(-708.3), hi = set1(709.0);
+    const I under = x < lo;
+    x = sel(x > hi, hi, x);
+    x = sel(under, lo, x);
+    const V magic = set1(6755399441055744.0);  // 1.5 * 2^52
+    const V t = x * set1(1.4426950408889634074) + magic;
+    const V n = t - magic;
+    const I ni = (I)t - iset1(0x4338000000000000LL);
+    V r = x - n * set1(6.93147180369123816490e-01);
+    r = r - n * set1(1.90821492927058770002e-10);
+    // Taylor polynomial of e^r to degree 13 (|r| <= 0.347: truncation < 5e-18).
+    V p = set1(1.0 / 6227020800.0);
+    p = p * r + set1(1.0 / 479001600.0);
+    p = p * r + set1(1.0 / 39916800.0);
+    p = p * r + set1(1.0 / 3628800.0);
+    p = p * r + set1(1.0 / 362880.0);
+    p = p * r + set1(1.0 / 40320.0);
+    p = p * r + set1(1.0 / 5040.0);
+    p = p * r + set1(1.0 / 720.0);
+    p = p * r + set1(1.0 / 120.0);
+    p = p * r + set1(1.0 / 24.0);
+    p = p * r + set1(1.0 / 6.0);
+    p = p * r + set1(0.5);
+    V y = p * (r * r) + r + set1(1.0);
+    const I e = (ni + iset1(1023)) << 52;
+    y = y * (V)e;
+    return sel(under, set1(0.0), y);
+  }
+
+  static inline V log(V x) {
+    V y;
+    for (int k = 0; k < L; ++k) y[k] = std::log(x[k]);
+    return y;
+  }
+};
+
+}  // namespace okc

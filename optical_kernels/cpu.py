@@ -1,0 +1,226 @@
+"""The ``cpu`` backend: fused C++ Sinkhorn kernels (``optical_kernels._cpu``, csrc/cpu).
+
+Implements the backend contract of :mod:`optical_kernels.config` (``forward``, ``backward``,
+``is_available``) for CPU tensors in float32 and float64 (float16/bfloat16 are upcast to
+float32). The C++ module receives raw data pointers, sizes and element strides; this wrapper
+checks the inputs, allocates every output with torch and calls into C++ with the GIL released.
+
+How it computes the same map as the reference (DESIGN §2, §5):
+
+* OpenMP over problems (one problem per thread); a problem with ``n·m ≥ PAR_MIN`` valid
+  entries runs alone with its matrix-vector products split over all threads.
+* Each problem is compacted to its valid rows/columns, then iterated in the *stabilised
+  scaling form*: ``K̃ = exp((f̄ ⊕ ḡ − C)/ε)``, ``u ← 1/(K̃ (b∘v))``, ``v ← 1/(K̃ᵀ(a∘u))``
+  (damped for unbalanced problems) — FMA-only matrix-vector products, with the potentials
+  absorbed into ``K̃`` (exponentials) only when ``|log u|`` or ``|log v|`` exceed τ, when ε
+  changes (ε-scaling half-steps run in the log domain) or when a sum leaves the safe
+  floating-point range (that half-step is then redone in the log domain). The stopping error
+  ``Σ_i |a_i u_i (K̃ b∘v)_i − a_i|`` is fused into the next f-step.
+* ``backward``: ``envelope`` → ``(gv + gl) P``; ``implicit`` → the DESIGN §3 system solved
+  exactly through its Schur complement on the smaller side (float64 Cholesky, null space
+  removed by a rank-one term; extra null directions of a plan whose support splits into
+  blocks at tiny ε are dropped) for ``min(n, m) ≤ DIRECT_MAX``, else Jacobi-PCG as the
+  reference; it also supports unbalanced problems (``κ = 1 + ε/ρ`` on the diagonal, see
+  :func:`backward`). ``unrolled`` → reverse pass over the stored potentials
+  (``out.history = (hist_f [T, B, n], hist_g [T, B, m])``) in the same scaling form: the
+  softmax weights of each half-step are ``K̃ diag(α) / (K̃ᵀα)`` with ``K̃`` anchored at stored
+  potentials, and ``dC`` accumulates as ``K̃ ∘ Σ_t (rank-one terms)``.
+
+Measured (S1, B=64, n=m=32, 100 iterations, 1 thread): the scaling form is ~9× faster than
+plain log-domain iterations (``LOG_DOMAIN = True``), ~5× in the unrolled reverse pass.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .config import SolverConfig, SolverOut
+
+try:  # the compiled extension is optional
+    from . import _cpu  # type: ignore[attr-defined]
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _cpu = None
+    _IMPORT_ERROR = str(exc)
+
+#: Problems with at least this many valid entries (n·m) use all threads on their own.
+PAR_MIN = 1 << 18
+#: Implicit gradient: dense Schur-complement solve when min(n, m) ≤ DIRECT_MAX, else CG.
+DIRECT_MAX = 384
+#: ``True``: plain log-domain iterations and reverse pass (2·n·m exponentials per iteration)
+#: instead of the stabilised scaling form; same results to rounding. For measurement/testing.
+LOG_DOMAIN = False
+_MODES = {"envelope": 0, "implicit": 1, "unrolled": 2}
+
+
+def is_available() -> tuple[bool, str]:
+    """``(True, build info)`` when the C++ extension is importable, else ``(False, why)``."""
+    if _cpu is None:
+        return False, (
+            f"optical_kernels._cpu is not built ({_IMPORT_ERROR}); run `pip install -e .` "
+            "with a C++ compiler (g++ or clang with OpenMP) present"
+        )
+    return True, f"fused C++ kernels ({_cpu.build_info()})"
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """CPU tensors of a floating dtype."""
+    return torch.device(device).type == "cpu" and dtype in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+    )
+
+
+def _require() -> None:
+    if _cpu is None:
+        raise RuntimeError(is_available()[1])
+
+
+def _work(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _check(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Validate ``C`` [B, n, m], ``a`` [B, n], ``b`` [B, m] (CPU, one float dtype)."""
+    for name, t in (("C", C), ("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors; {name} is on {t.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if C.dim() != 3:
+        raise ValueError(f"C must have shape [B, n, m], got {tuple(C.shape)}")
+    B, n, m = C.shape
+    if tuple(a.shape) != (B, n):
+        raise ValueError(f"a must have shape {(B, n)}, got {tuple(a.shape)}")
+    if tuple(b.shape) != (B, m):
+        raise ValueError(f"b must have shape {(B, m)}, got {tuple(b.shape)}")
+    C = _work(C)
+    dtype = C.dtype
+    a, b = _work(a).to(dtype), _work(b).to(dtype)
+    return C.detach(), a.detach().contiguous(), b.detach().contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _eps_cached(eps: float, schedule: tuple[float, float] | None, T: int) -> torch.Tensor:
+    cfg = SolverConfig(eps=eps, eps_schedule=schedule)
+    return torch.tensor([cfg.eps_at(t) for t in range(1, T + 1)], dtype=torch.float64)
+
+
+def _eps_schedule(cfg: SolverConfig, T: int) -> torch.Tensor:
+    """ε_t for t = 1..T, float64 (exactly ``cfg.eps_at``; cached, read-only)."""
+    return _eps_cached(float(cfg.eps), cfg.eps_schedule, max(T, 1))
+
+
+def _rho(cfg: SolverConfig) -> float:
+    return -1.0 if cfg.rho is None else float(cfg.rho)
+
+
+def forward(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig) -> SolverOut:
+    """Solve a padded batch: ``C`` [B, n, m], ``a`` [B, n], ``b`` [B, m] -> :class:`SolverOut`.
+
+    Same map, stopping rule, values and conventions as :func:`optical_kernels.reference.forward`
+    (0 at padded positions; empty problems give zeros and ``n_iters = 0``). For
+    ``cfg.grad == "unrolled"`` the potentials after every iteration are returned in
+    ``history = (hist_f [max_iter, B, n], hist_g [max_iter, B, m])`` (rows past ``n_iters``
+    are 0 and never read).
+    """
+    _require()
+    C, a, b = _check(C, a, b)
+    B, n, m = C.shape
+    dt = C.dtype
+    f = torch.zeros(B, n, dtype=dt)
+    g = torch.zeros(B, m, dtype=dt)
+    value = torch.zeros(B, dtype=dt)
+    value_linear = torch.zeros(B, dtype=dt)
+    n_iters = torch.zeros(B, dtype=torch.int32)
+    err = torch.zeros(B, dtype=dt)
+    unrolled = cfg.grad == "unrolled"
+    T = cfg.max_iter
+    hist_f = torch.zeros(T if unrolled else 0, B, n, dtype=dt)
+    hist_g = torch.zeros(T if unrolled else 0, B, m, dtype=dt)
+    eps_t = _eps_schedule(cfg, T)
+    if B > 0 and n > 0 and m > 0:
+        _cpu.forward(
+            "float32" if dt == torch.float32 else "float64",
+            B, n, m,
+            C.data_ptr(), *C.stride(),
+            a.data_ptr(), *a.stride(),
+            b.data_ptr(), *b.stride(),
+            float(cfg.eps), _rho(cfg), eps_t.data_ptr(), int(cfg.max_iter), float(cfg.tol),
+            int(cfg.check_every),
+            f.data_ptr(), g.data_ptr(), value.data_ptr(), value_linear.data_ptr(),
+            n_iters.data_ptr(), err.data_ptr(),
+            hist_f.data_ptr() if unrolled else 0, hist_g.data_ptr() if unrolled else 0,
+            torch.get_num_threads(), 0.0, int(LOG_DOMAIN), PAR_MIN,
+        )  # fmt: skip
+    history = (hist_f, hist_g) if unrolled else None
+    return SolverOut(f, g, value, value_linear, n_iters, err, history)
+
+
+def backward(
+    C: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: SolverOut,
+    grad_value: torch.Tensor | None,
+    grad_value_linear: torch.Tensor | None,
+    cfg: SolverConfig,
+) -> torch.Tensor:
+    """``∂(Σ_k gv_k value_k + gl_k value_linear_k)/∂C`` [B, n, m] for ``cfg.grad``.
+
+    ``implicit`` for unbalanced problems (which the reference does not implement) uses the
+    unbalanced fixed point: ``H = [[κ diag(P1), P], [Pᵀ, κ diag(Pᵀ1)]]``, ``κ = 1 + ε/ρ``,
+    with the same right-hand side and ``∂L/∂C_ij = P_ij (1 + (u_i + v_j − C_ij)/ε)``.
+    ``unrolled`` needs ``out.history`` from :func:`forward` with ``grad="unrolled"``; without
+    it only the direct partials at the final potentials are returned (as the reference).
+    """
+    _require()
+    if cfg.grad not in _MODES:
+        raise ValueError(f"grad must be one of {tuple(_MODES)}, got {cfg.grad!r}")
+    C, a, b = _check(C, a, b)
+    B, n, m = C.shape
+    dt = C.dtype
+    f = out.f.detach().to(dt).contiguous()
+    g = out.g.detach().to(dt).contiguous()
+    n_iters = out.n_iters.detach().to(torch.int32).contiguous()
+    gv = torch.zeros(B, dtype=dt) if grad_value is None else grad_value.detach().to(dt)
+    gl = (
+        torch.zeros(B, dtype=dt) if grad_value_linear is None else grad_value_linear.detach().to(dt)
+    )
+    gv, gl = gv.reshape(B).contiguous(), gl.reshape(B).contiguous()
+    dC = torch.zeros(B, n, m, dtype=dt)
+    hist_f = hist_g = None
+    T = 0
+    if cfg.grad == "unrolled" and out.history is not None:
+        hist_f, hist_g = out.history
+        hist_f = hist_f.detach().to(dt).contiguous()
+        hist_g = hist_g.detach().to(dt).contiguous()
+        T = int(hist_f.shape[0])
+        if tuple(hist_f.shape) != (T, B, n) or tuple(hist_g.shape) != (T, B, m):
+            raise ValueError(
+                f"out.history must be (hist_f [T, {B}, {n}], hist_g [T, {B}, {m}]), got "
+                f"{tuple(hist_f.shape)}, {tuple(hist_g.shape)}"
+            )
+    eps_t = _eps_schedule(cfg, T)
+    if B > 0 and n > 0 and m > 0:
+        _cpu.backward(
+            "float32" if dt == torch.float32 else "float64",
+            _MODES[cfg.grad], B, n, m,
+            C.data_ptr(), *C.stride(),
+            a.data_ptr(), *a.stride(),
+            b.data_ptr(), *b.stride(),
+            f.data_ptr(), g.data_ptr(), n_iters.data_ptr(),
+            hist_f.data_ptr() if T else 0, hist_g.data_ptr() if T else 0, T,
+            float(cfg.eps), _rho(cfg), eps_t.data_ptr(),
+            gv.data_ptr(), gl.data_ptr(), dC.data_ptr(),
+            int(cfg.cg_max_iter), float(cfg.cg_tol), DIRECT_MAX, torch.get_num_threads(),
+            PAR_MIN, int(LOG_DOMAIN),
+        )  # fmt: skip
+    return dC
