@@ -40,6 +40,13 @@ def _check_finite_enabled(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or os.environ.get("OPTICAL_KERNELS_CHECK_INPUTS", "1") != "0"
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """One reduction (NaN/Inf propagate through a sum); the exact test only if it overflows."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        return bool(torch.isfinite(t.sum(dtype=acc))) or bool(torch.isfinite(t).all())
+
+
 def _tensor(name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -52,7 +59,7 @@ def _float_tensor(name: str, t: object) -> torch.Tensor:
         raise TypeError(
             f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}"
         )
-    if _check_finite_enabled(t) and t.numel() and not bool(torch.isfinite(t).all()):
+    if _check_finite_enabled(t) and t.numel() and not _all_finite(t):
         raise ValueError(f"{name} contains NaN or Inf values")
     return t
 

@@ -66,18 +66,88 @@ def cost_matrix(
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
     xb, yb, unbatched = _batched(x, y)
-    if cost == "cosine":
-        C = 1.0 - torch.bmm(normalize(xb), normalize(yb).transpose(1, 2))
-    elif cost == "dot":
-        C = -torch.bmm(xb, yb.transpose(1, 2))
-    else:
-        xc, yc = centre(xb, yb, x_valid, y_valid)
-        C = (
-            (xc * xc).sum(-1)[:, :, None]
-            + (yc * yc).sum(-1)[:, None, :]
-            - 2.0 * torch.bmm(xc, yc.transpose(1, 2))
-        ).clamp_min(0.0)
+    if cost == "sqeuclidean":
+        xb, yb = centre(xb, yb, x_valid, y_valid)
+    C = _CostFn.apply(xb, yb, cost)
     return C[0] if unbatched else C
+
+
+def _inv_norm(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1/max(‖p‖, 1e-8) [.., 1], clamped [.., 1])``; one read of p."""
+    norm = torch.linalg.vector_norm(p, dim=-1, keepdim=True)
+    return norm.clamp_min(NORM_FLOOR).reciprocal_(), norm < NORM_FLOOR
+
+
+def _cosine_grad(
+    G: torch.Tensor,
+    S: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    inv_p: torch.Tensor,
+    clamped_p: torch.Tensor,
+    inv_q: torch.Tensor,
+) -> torch.Tensor:
+    """``∂L/∂p_i = −(1/‖p_i‖)(I − p̂_i p̂_iᵀ) Σ_j G_ij q̂_j`` [B, n, d] on the raw points.
+
+    With ``S_ij = p̂_i·q̂_j`` (= 1 − C_ij) the radial coefficient ``p̂_i·Σ_j G_ij q̂_j`` is
+    ``Σ_j G_ij S_ij``, a reduction over the small [B, n, m] matrix, so the whole rule is one
+    ``baddbmm``: ``(inv² Σ_j G S) p − (inv G inv_qᵀ) q`` (radial term 0 where ‖p‖ < 1e-8).
+    """
+    coef = ((G * S).sum(-1, keepdim=True) * inv_p.square()).masked_fill_(clamped_p, 0.0)
+    Gs = G * (inv_p * inv_q.transpose(1, 2))
+    return torch.baddbmm(p * coef, Gs, q, alpha=-1.0)
+
+
+def _cosine(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``C = 1 − diag(1/‖x‖) x yᵀ diag(1/‖y‖)``: the GEMM on raw points, scaling on C."""
+    xi, xc = _inv_norm(x)
+    yi, yc = _inv_norm(y)
+    C = torch.bmm(x, y.transpose(1, 2)).mul_(xi).mul_(yi.transpose(1, 2))
+    return C.neg_().add_(1.0), (xi, xc, yi, yc)
+
+
+def _cost_forward(x: torch.Tensor, y: torch.Tensor, cost: str) -> torch.Tensor:
+    """C [B, n, m] from (already centred, for sqeuclidean) x [B, n, d], y [B, m, d]."""
+    if cost == "cosine":
+        return _cosine(x, y)[0]
+    if cost == "dot":
+        return torch.bmm(x, y.transpose(1, 2)).neg_()
+    C = torch.baddbmm((x * x).sum(-1)[:, :, None], x, y.transpose(1, 2), alpha=-2.0)
+    return C.add_((y * y).sum(-1)[:, None, :]).clamp_min_(0.0)
+
+
+class _CostFn(torch.autograd.Function):
+    """C = cost(x, y) with the explicit chain rule of :func:`cost_vjp` as its backward.
+
+    For the cosine cost the inverse norms are kept from the forward, so the backward is one
+    GEMM and two fused passes per side.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, cost: str) -> torch.Tensor:  # noqa: ANN001
+        ctx.cost = cost
+        if cost != "cosine":
+            ctx.save_for_backward(x, y)
+            return _cost_forward(x, y, cost)
+        C, norms = _cosine(x, y)
+        ctx.save_for_backward(x, y, C, *norms)
+        return C
+
+    @staticmethod
+    def backward(ctx, G: torch.Tensor):  # noqa: ANN001, ANN205
+        need_dx, need_dy = ctx.needs_input_grad[:2]
+        if ctx.cost == "cosine":
+            x, y, C, xi, xc, yi, yc = ctx.saved_tensors
+            return (*_cosine_vjp(G, x, y, C, (xi, xc, yi, yc), need_dx, need_dy), None)
+        x, y = ctx.saved_tensors
+        if not (need_dx or need_dy):
+            return None, None, None
+        if need_dx:
+            dx, dy = cost_vjp(G, x, y, ctx.cost, need_dy=need_dy)
+        else:  # only y: the same rule with the roles swapped
+            dy, _ = cost_vjp(G.transpose(1, 2), y, x, ctx.cost, need_dy=False)
+            dx = None
+        return dx, dy, None
 
 
 def cost_vjp(
@@ -105,15 +175,22 @@ def cost_vjp(
     if cost != "cosine":
         raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
 
-    def side(p: torch.Tensor, q_hat: torch.Tensor, Gs: torch.Tensor) -> torch.Tensor:
-        norm = p.norm(dim=-1, keepdim=True)
-        clamped = norm < NORM_FLOOR
-        p_hat = p / norm.clamp_min(NORM_FLOOR)
-        s = -torch.bmm(Gs, q_hat)  # ∂L/∂p̂
-        proj = torch.where(clamped, s, s - (s * p_hat).sum(-1, keepdim=True) * p_hat)
-        return proj / norm.clamp_min(NORM_FLOOR)
+    C, norms = _cosine(x, y)
+    return _cosine_vjp(G, x, y, C, norms, True, need_dy)
 
-    x_hat, y_hat = normalize(x), normalize(y)
-    dx = side(x, y_hat, G)
-    dy = side(y, x_hat, G.transpose(1, 2)) if need_dy else None
+
+def _cosine_vjp(
+    G: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    C: torch.Tensor,
+    norms: tuple[torch.Tensor, ...],
+    need_dx: bool,
+    need_dy: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    xi, xc, yi, yc = norms
+    S = 1.0 - C
+    dx = _cosine_grad(G, S, x, y, xi, xc, yi) if need_dx else None
+    Gt, St = G.transpose(1, 2), S.transpose(1, 2)
+    dy = _cosine_grad(Gt, St, y, x, yi, yc, xi) if need_dy else None
     return dx, dy
