@@ -194,6 +194,32 @@ def _points(x: object, y: object) -> tuple[torch.Tensor, torch.Tensor, bool]:
     return x, y, unbatched
 
 
+def _marginals(
+    x_mask: object,
+    y_mask: object,
+    a: object,
+    b: object,
+    shape: tuple[int, int, int],
+    device: torch.device,
+    work: torch.dtype,
+    cfg: SolverConfig,
+    unbatched: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked masks and weights -> ``(a [B, n], b [B, m])`` in ``work`` dtype, 0 at padding."""
+    if unbatched:
+        x_mask, y_mask, a, b = (
+            None if t is None else _tensor(name, t).unsqueeze(0)
+            for name, t in (("x_mask", x_mask), ("y_mask", y_mask), ("a", a), ("b", b))
+        )
+    B, n, m = shape
+    xm = _mask("x_mask", x_mask, (B, n), device)
+    ym = _mask("y_mask", y_mask, (B, m), device)
+    balanced = cfg.rho is None
+    aw = _weights("a", a, xm, (B, n), device, work, balanced)
+    bw = _weights("b", b, ym, (B, m), device, work, balanced)
+    return aw, bw
+
+
 def _unbatch(t: torch.Tensor | None, unbatched: bool) -> torch.Tensor | None:
     return t[0] if (unbatched and t is not None) else t
 
@@ -329,18 +355,8 @@ def solve_sample(
     x, y, unbatched = _points(x, y)
     B, n, _ = x.shape
     m = y.shape[1]
-    shape_x, shape_y = (B, n), (B, m)
-    if unbatched:
-        x_mask = None if x_mask is None else _tensor("x_mask", x_mask).unsqueeze(0)
-        y_mask = None if y_mask is None else _tensor("y_mask", y_mask).unsqueeze(0)
-        a = None if a is None else _tensor("a", a).unsqueeze(0)
-        b = None if b is None else _tensor("b", b).unsqueeze(0)
-    xm = _mask("x_mask", x_mask, shape_x, x.device)
-    ym = _mask("y_mask", y_mask, shape_y, y.device)
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    balanced = cfg.rho is None
-    aw = _weights("a", a, xm, shape_x, x.device, work, balanced)
-    bw = _weights("b", b, ym, shape_y, y.device, work, balanced)
+    aw, bw = _marginals(x_mask, y_mask, a, b, (B, n, m), x.device, work, cfg, unbatched)
     xv, yv = aw > 0, bw > 0
     name = _backends.resolve_name(backend, x.device.type, x.dtype, max(n, m))
     out, C = _solve_points(name, x, y, xv, yv, aw, bw, cost, cfg)
@@ -398,17 +414,9 @@ def solve(
     unbatched = C.dim() == 2
     if unbatched:
         C = C.unsqueeze(0)
-        x_mask = None if x_mask is None else _tensor("x_mask", x_mask).unsqueeze(0)
-        y_mask = None if y_mask is None else _tensor("y_mask", y_mask).unsqueeze(0)
-        a = None if a is None else _tensor("a", a).unsqueeze(0)
-        b = None if b is None else _tensor("b", b).unsqueeze(0)
     B, n, m = C.shape
-    xm = _mask("x_mask", x_mask, (B, n), C.device)
-    ym = _mask("y_mask", y_mask, (B, m), C.device)
     work = torch.float64 if C.dtype == torch.float64 else torch.float32
-    balanced = cfg.rho is None
-    aw = _weights("a", a, xm, (B, n), C.device, work, balanced)
-    bw = _weights("b", b, ym, (B, m), C.device, work, balanced)
+    aw, bw = _marginals(x_mask, y_mask, a, b, (B, n, m), C.device, work, cfg, unbatched)
     name = _backends.resolve_name(backend, C.device.type, C.dtype, max(n, m))
     Cw = torch.where((aw > 0)[:, :, None] & (bw > 0)[:, None, :], C.to(work), 0.0).contiguous()
     out = run(name, cfg, C=Cw, a=aw, b=bw)
