@@ -1,6 +1,7 @@
 # optical_kernels: developer commands.
 #
-#   make demo       short showcase: ragged batch solved, checked against POT, timed against POT
+#   make demo       OPTICAL distillation on Chichewa-English bitext: OT vs KD students, retrieval table
+#   make showcase   short showcase: ragged batch solved, checked against POT, timed against POT
 #   make test       the test suite (Triton kernels run under TRITON_INTERPRET=1 on CPU)
 #   make bench      pytest-benchmark suite (bench/), writes bench/results/<date>-<host>.json
 #   make lint       ruff check
@@ -38,7 +39,7 @@ STAMP_TORCH := $(VENV)/.stamp-torch
 STAMP_INSTALL := $(VENV)/.stamp-install
 STAMP_RUFF := $(VENV)/.stamp-ruff
 
-.PHONY: help install test bench lint demo gpu-check clean distclean
+.PHONY: help install test bench lint demo showcase gpu-check clean distclean
 
 help:
 	@sed -n 's/^#   \(make .*\)/\1/p' $(firstword $(MAKEFILE_LIST))
@@ -77,8 +78,11 @@ bench: $(STAMP_INSTALL)
 	$(PY) -m pytest bench -q $(BENCH_ARGS)
 	$(PY) bench/make_table.py
 
-demo: $(STAMP_INSTALL)
+showcase: $(STAMP_INSTALL)
 	$(PY) -m bench.showcase
+
+demo: $(STAMP_INSTALL)
+	$(PY) -m optical_kernels.distill.demo
 
 lint: $(STAMP_RUFF)
 	$(PY) -m ruff check .
