@@ -575,8 +575,8 @@ class _Problem:
             sums, s2 = True, 2
         r, c = (self.rows, self.cols) if rows else (self.cols, self.rows)
         act = self.ne_i32 if act is None else act
-        s1 = torch.empty(self.B, r.L, dtype=self.dtype, device=self.device) if sums else None
-        s2t = torch.empty_like(s1) if (sums and s2) else None
+        s1 = torch.zeros(self.B, r.L, dtype=self.dtype, device=self.device) if sums else None
+        s2t = torch.zeros_like(s1) if (sums and s2) else None
         dm = self._dummy
         if grad_out is not None:
             go, (s_ob, s_or, s_od) = grad_out, grad_out.stride()
@@ -674,9 +674,9 @@ def _values(
     ``value_linear = Σ r c̄``, ``value = Σ r f + Σ c g − ε(Σr − Σa Σb) [+ ρ KL(r‖a) + ρ KL(c‖b)]``.
     """
     B, n, m, dt, dev = prob.B, prob.n, prob.m, prob.dtype, prob.device
-    L = torch.empty(B, n, dtype=dt, device=dev)
-    cbar = torch.empty(B, n, dtype=dt, device=dev)
-    Lc = torch.empty(B, m, dtype=dt, device=dev)
+    L = torch.zeros(B, n, dtype=dt, device=dev)
+    cbar = torch.zeros(B, n, dtype=dt, device=dev)
+    Lc = torch.zeros(B, m, dtype=dt, device=dev)
     prob.lse(True, g, L, eps, stats=True, cbar=cbar)
     prob.lse(False, f, Lc, eps, stats=True)
     L = torch.where(prob.nonempty[:, None], L, 0.0)
@@ -948,8 +948,8 @@ def _unrolled(prob, sink, out, f, g, p, q, K, gv, gl, cfg) -> None:  # noqa: ANN
     vb = prob.cols.valid & prob.nonempty[:, None]
     d_vec, e_vec = f, g
     if rho is not None:
-        L = torch.empty_like(f)
-        Lc = torch.empty_like(g)
+        L = torch.zeros_like(f)
+        Lc = torch.zeros_like(g)
         prob.lse(True, g, L, eps, stats=True)
         prob.lse(False, f, Lc, eps, stats=True)
         d_vec = torch.where(va, f + rho * (f / eps + L), 0.0)  # log(r/a) = f/ε + L
