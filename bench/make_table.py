@@ -9,7 +9,8 @@ Usage::
 For each case (shape, d, fwd or fwd_bwd) and provider it prints the median time and the speed-up
 over each baseline *measured in the same run* (``baseline median / provider median``; ``> 1×``
 means faster than the baseline). A provider whose mean loss differs from the first baseline's
-by more than ``--loss-rtol`` is flagged with ``†`` (same objective only).
+by more than ``--loss-rtol`` is flagged with ``†`` (same objective only). When the run has the
+``gemm_floor`` provider, a last column gives each time divided by that floor (DESIGN §7).
 """
 
 from __future__ import annotations
@@ -100,7 +101,10 @@ def table(run: dict, baselines: list[str], loss_rtol: float = 1e-3) -> str:
     rank = {p: (registry.index(p) if p in registry else len(registry), seen.index(p)) for p in seen}
     order.sort(key=rank.__getitem__)
 
+    floor_name = "gemm_floor"
     head = ["case", "pass", "provider", "median (ms)"] + [f"vs {b}" for b in baselines]
+    if floor_name in order:
+        head.append("÷ GEMMs")
     align = ["---"] * 3 + ["---:"] * (len(head) - 3)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
     flagged = False
@@ -117,7 +121,8 @@ def table(run: dict, baselines: list[str], loss_rtol: float = 1e-3) -> str:
             r = by_prov[prov]
             name = f"`{prov}`"
             if (
-                ref is not None
+                prov != floor_name
+                and ref is not None
                 and r["loss"] is not None
                 and ref["loss"] is not None
                 and r["objective"] == ref["objective"]
@@ -129,6 +134,9 @@ def table(run: dict, baselines: list[str], loss_rtol: float = 1e-3) -> str:
             for base in baselines:
                 bm = by_prov.get(base)
                 cells.append(_fmt_ratio(bm["median"] / r["median"]) if bm else "–")
+            if floor_name in order:
+                fl = by_prov.get(floor_name)
+                cells.append(_fmt_ratio(r["median"] / fl["median"]) if fl else "–")
             lines.append("| " + " | ".join(cells) + " |")
     notes = [f"{s}: {desc}" for s, desc in shape_desc.items()]
     out = "\n".join(lines) + "\n"

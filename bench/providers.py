@@ -447,6 +447,27 @@ def pot_loop(
     return torch.stack(out)
 
 
+@register(
+    "gemm_floor",
+    description="the unavoidable cost GEMMs alone (DESIGN §7): forward C = x·yᵀ, backward G·y; "
+    "not a solver (its 'loss' is a fixed linear function of C)",
+)
+def gemm_floor(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_mask: torch.Tensor | None,
+    y_mask: torch.Tensor | None,
+    *,
+    eps: float,
+    n_iter: int,
+    cost: str,
+) -> torch.Tensor:
+    """``Σ_ij C_ij / (n m)`` with ``C = x yᵀ`` [B, n, m]: one batched GEMM forward and one
+    (``∂L/∂x = G y``) backward, the floor that any solver of these problems pays."""
+    C = torch.bmm(x, y.transpose(1, 2))
+    return C.mean((1, 2))
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU peers (DESIGN §7): entropic objective only, compare timings not values
 # ----------------------------------------------------------------------------------------------

@@ -53,15 +53,30 @@ def _tensor(name: str, t: object) -> torch.Tensor:
     return t
 
 
-def _float_tensor(name: str, t: object) -> torch.Tensor:
+def _float_tensor(name: str, t: object, check_finite: bool = True) -> torch.Tensor:
     t = _tensor(name, t)
     if t.dtype not in _FLOATS:
         raise TypeError(
             f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}"
         )
-    if _check_finite_enabled(t) and t.numel() and not _all_finite(t):
+    if check_finite and _check_finite_enabled(t) and t.numel() and not _all_finite(t):
         raise ValueError(f"{name} contains NaN or Inf values")
     return t
+
+
+def _check_cost_finite(C: torch.Tensor, points: tuple[tuple[str, torch.Tensor], ...]) -> None:
+    """Non-finite points always give a non-finite row or column of C (a NaN or Inf coordinate
+    makes the norm / dot product non-finite), so one reduction over the small C [B, n, m]
+    replaces two over x, y [B, ·, d]; the exact per-argument test runs only on failure."""
+    if not _check_finite_enabled(C) or C.numel() == 0 or _all_finite(C):
+        return
+    for name, t in points:
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf values")
+    raise ValueError(
+        f"the cost matrix overflows: {' and '.join(n for n, _ in points)} are finite but too "
+        f"large for {C.dtype}; rescale them"
+    )
 
 
 def _positive(name: str, v: object, allow_zero: bool = False) -> float:
@@ -171,8 +186,8 @@ def _weights(
 
 
 def _points(x: object, y: object) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    x = _float_tensor("x", x)
-    y = _float_tensor("y", y)
+    x = _float_tensor("x", x, check_finite=False)  # checked through C (or below, if fused)
+    y = _float_tensor("y", y, check_finite=False)
     if x.dim() not in (2, 3) or y.dim() != x.dim():
         raise ValueError(
             "x and y must both be [n, d] / [m, d] or both [B, n, d] / [B, m, d]; got shapes "
@@ -266,6 +281,9 @@ def _solve_points(
 ) -> tuple[SolverOut, torch.Tensor | None]:
     """One OT solve between point sets; returns the output and C when it was materialised."""
     if _backends.fuses_cost(backend_name):
+        for name, t in (("x", x), ("y", y)):
+            if _check_finite_enabled(t) and t.numel() and not _all_finite(t):
+                raise ValueError(f"{name} contains NaN or Inf values")
         xs = torch.where(x_valid[..., None], x, 0.0)
         ys = torch.where(y_valid[..., None], y, 0.0)
         if cost == "sqeuclidean":
@@ -286,8 +304,10 @@ def _masked_cost(
     cost: str,
     work: torch.dtype,
 ) -> torch.Tensor:
-    """Differentiable C [B, n, m] in the working dtype, 0 at padded entries."""
+    """Differentiable C [B, n, m] in the working dtype, 0 at padded entries (x, y checked
+    for NaN/Inf through C)."""
     C = cost_matrix(x.to(work), y.to(work), cost, x_valid, y_valid)
+    _check_cost_finite(C.detach(), (("x", x), ("y", y)))
     return torch.where(x_valid[:, :, None] & y_valid[:, None, :], C, 0.0).contiguous()
 
 

@@ -91,11 +91,12 @@ def _cosine_grad(
 
     With ``S_ij = p̂_i·q̂_j`` (= 1 − C_ij) the radial coefficient ``p̂_i·Σ_j G_ij q̂_j`` is
     ``Σ_j G_ij S_ij``, a reduction over the small [B, n, m] matrix, so the whole rule is one
-    ``baddbmm``: ``(inv² Σ_j G S) p − (inv G inv_qᵀ) q`` (radial term 0 where ‖p‖ < 1e-8).
+    GEMM and one fused pass: ``(inv² Σ_j G S) p − (inv G inv_qᵀ) q`` (radial term 0 where
+    ‖p‖ < 1e-8).
     """
     coef = ((G * S).sum(-1, keepdim=True) * inv_p.square()).masked_fill_(clamped_p, 0.0)
-    Gs = G * (inv_p * inv_q.transpose(1, 2))
-    return torch.baddbmm(p * coef, Gs, q, alpha=-1.0)
+    Gs = G * (inv_p * inv_q.transpose(1, 2)).neg_()
+    return torch.bmm(Gs, q).addcmul_(p, coef)
 
 
 def _cosine(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
