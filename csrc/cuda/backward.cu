@@ -544,9 +544,7 @@ OKC_GLOBAL_KERNEL backward_kernel(Params p, Plan pl) {
     if (p.need_dy) chain_rule<T, In>(p, pl, k, W, wp, aux, V, n_eff, m_eff, true);
 }
 
-typedef void (*BwdKernel)(Params, Plan);
-
-static BwdKernel pick_backward(const Params& p) {
+static ResidentKernel pick_backward(const Params& p) {
     if (p.dtype == kF64) return backward_kernel<double, double>;
     if (p.cost == kMatrix) return backward_kernel<float, float>;
     switch (p.in_dtype) {
@@ -562,22 +560,7 @@ static BwdKernel pick_backward(const Params& p) {
 }
 
 const char* launch_backward(const Params& p, const Plan& pl) {
-    if (pl.smem_bytes < 0) return "problem too large for the shared memory of this device";
-    BwdKernel kern = pick_backward(p);
-    if (!kern) return "unsupported dtype combination";
-    if (p.B == 0) return "";
-#ifdef OKC_EMULATE
-    okc_emu::run_grid(p.B, NT, (size_t)pl.smem_bytes, [&]() { kern(p, pl); });
-    return "";
-#else
-    if (pl.smem_bytes > 48 * 1024) {
-        const char* e = ensure_dynamic_smem((const void*)kern, p.device, pl.smem_bytes);
-        if (e) return e;
-    }
-    kern<<<p.B, NT, (size_t)pl.smem_bytes, reinterpret_cast<cudaStream_t>(p.stream)>>>(p, pl);
-    cudaError_t e = cudaGetLastError();
-    return e == cudaSuccess ? "" : cudaGetErrorString(e);
-#endif
+    return launch_resident(pick_backward(p), p, pl);
 }
 
 }  // namespace okc

@@ -140,9 +140,7 @@ Plan make_plan(const Params& p, bool backward, int64_t smem_limit) {
     return pl;
 }
 
-typedef void (*FwdKernel)(Params, Plan);
-
-static FwdKernel pick_forward(const Params& p) {
+static ResidentKernel pick_forward(const Params& p) {
     if (p.dtype == kF64) return forward_kernel<double, double>;
     if (p.cost == kMatrix) return forward_kernel<float, float>;
     switch (p.in_dtype) {
@@ -158,22 +156,7 @@ static FwdKernel pick_forward(const Params& p) {
 }
 
 const char* launch_forward(const Params& p, const Plan& pl) {
-    if (pl.smem_bytes < 0) return "problem too large for the shared memory of this device";
-    FwdKernel kern = pick_forward(p);
-    if (!kern) return "unsupported dtype combination";
-    if (p.B == 0) return "";
-#ifdef OKC_EMULATE
-    okc_emu::run_grid(p.B, NT, (size_t)pl.smem_bytes, [&]() { kern(p, pl); });
-    return "";
-#else
-    if (pl.smem_bytes > 48 * 1024) {
-        const char* e = ensure_dynamic_smem((const void*)kern, p.device, pl.smem_bytes);
-        if (e) return e;
-    }
-    kern<<<p.B, NT, (size_t)pl.smem_bytes, reinterpret_cast<cudaStream_t>(p.stream)>>>(p, pl);
-    cudaError_t e = cudaGetLastError();
-    return e == cudaSuccess ? "" : cudaGetErrorString(e);
-#endif
+    return launch_resident(pick_forward(p), p, pl);
 }
 
 }  // namespace okc

@@ -428,4 +428,25 @@ inline const char* ensure_dynamic_smem(const void* kernel, int device, int64_t b
 }
 #endif
 
+// Launch a resident kernel (one NT-thread block per problem) on the caller's stream, or run it
+// in the CPU emulator. Shared by the forward and backward launchers; "" means success.
+typedef void (*ResidentKernel)(Params, Plan);
+inline const char* launch_resident(ResidentKernel kern, const Params& p, const Plan& pl) {
+    if (pl.smem_bytes < 0) return "problem too large for the shared memory of this device";
+    if (!kern) return "unsupported dtype combination";
+    if (p.B == 0) return "";
+#ifdef OKC_EMULATE
+    okc_emu::run_grid(p.B, NT, (size_t)pl.smem_bytes, [&]() { kern(p, pl); });
+    return "";
+#else
+    if (pl.smem_bytes > 48 * 1024) {
+        const char* e = ensure_dynamic_smem((const void*)kern, p.device, pl.smem_bytes);
+        if (e) return e;
+    }
+    kern<<<p.B, NT, (size_t)pl.smem_bytes, reinterpret_cast<cudaStream_t>(p.stream)>>>(p, pl);
+    cudaError_t e = cudaGetLastError();
+    return e == cudaSuccess ? "" : cudaGetErrorString(e);
+#endif
+}
+
 }  // namespace okc
