@@ -41,6 +41,7 @@ from .resident import (
     _pair,
     _weights,
     acc_dtype,
+    problem_dims,
     schedule_args,
     split_f64,
 )
@@ -265,17 +266,8 @@ def _launch_backward(
     eps: float, rho: float | None, max_iter: int, sched_start: float | None,
     sched_factor: float | None, cg_max_iter: int, cg_tol: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if C is not None:
-        B, n, m = C.shape
-        d = 0
-        in_dtype = C.dtype
-        ref = C
-    else:
-        assert x is not None and y is not None
-        B, n, d = x.shape
-        m = y.shape[1]
-        in_dtype = x.dtype
-        ref = x
+    B, n, m, d, ref = problem_dims(C, x, y)
+    in_dtype = ref.dtype
     acc = acc_dtype(in_dtype)
     dev = ref.device
     if C is not None:  # distinct empty outputs: custom-op outputs must not alias each other

@@ -338,23 +338,28 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
+def problem_dims(
+    C: Tensor | None, x: Tensor | None, y: Tensor | None
+) -> tuple[int, int, int, int, Tensor]:
+    """``(B, n, m, d, ref)`` of a dense (C [B, n, m], d = 0) or point (x, y) problem; ``ref``
+    is the tensor whose dtype and device the launch follows."""
+    if C is not None:
+        B, n, m = C.shape
+        return B, n, m, 0, C
+    if x is None or y is None:
+        raise ValueError("the Triton launchers need C or both x and y")
+    B, n, d = x.shape
+    return B, n, y.shape[1], d, x
+
+
 def _launch_forward(
     C: Tensor | None, x: Tensor | None, y: Tensor | None, a: Tensor, b: Tensor,
     cost: str, eps: float, rho: float | None, max_iter: int, tol: float, check_every: int,
     sched_start: float | None, sched_factor: float | None, store_history: bool,
     scaling: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if C is not None:
-        B, n, m = C.shape
-        d = 0
-        in_dtype = C.dtype
-        ref = C
-    else:
-        assert x is not None and y is not None
-        B, n, d = x.shape
-        m = y.shape[1]
-        in_dtype = x.dtype
-        ref = x
+    B, n, m, d, ref = problem_dims(C, x, y)
+    in_dtype = ref.dtype
     acc = acc_dtype(in_dtype)
     dev = ref.device
     a = a.to(acc)
