@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .config import SolverConfig, SolverOut
+from .ops import fake_outputs
 
 try:  # the compiled extension is optional (built by setup.py only where nvcc exists)
     from . import _cuda  # type: ignore[attr-defined]
@@ -275,21 +276,7 @@ def cuda_forward_op(
 @cuda_forward_op.register_fake
 def _(C, a, b, eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad):  # noqa: ANN001, ANN202
     B, n, m = C.shape
-    return _alloc_forward_fake(B, n, m, C, grad == "unrolled", max_iter)
-
-
-def _alloc_forward_fake(B: int, n: int, m: int, like: Tensor, unrolled: bool, T: int) -> _FwdOuts:
-    T = T if unrolled else 0
-    return (
-        like.new_empty(B, n),
-        like.new_empty(B, m),
-        like.new_empty(B),
-        like.new_empty(B),
-        like.new_empty(B, dtype=torch.int32),
-        like.new_empty(B),
-        like.new_empty(T, B, n),
-        like.new_empty(T, B, m),
-    )
+    return fake_outputs(B, n, m, C, grad, max_iter)
 
 
 @torch.library.custom_op("optical_kernels::cuda_forward_sample", mutates_args=())
@@ -328,7 +315,7 @@ def cuda_forward_sample_op(
 
 @cuda_forward_sample_op.register_fake
 def _(x, y, a, b, cost, eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad):  # noqa: ANN001, ANN202
-    return _alloc_forward_fake(x.shape[0], x.shape[1], y.shape[1], a, grad == "unrolled", max_iter)
+    return fake_outputs(x.shape[0], x.shape[1], y.shape[1], a, grad, max_iter)
 
 
 def _set_points(p: object, x: Tensor, y: Tensor, cost: str) -> None:

@@ -68,7 +68,8 @@ def _unpack(f, g, value, value_linear, n_iters, err, hf, hg) -> SolverOut:  # no
     return SolverOut(f, g, value, value_linear, n_iters, err, history)
 
 
-def _fake_outs(B: int, n: int, m: int, like: Tensor, cfg_grad: str, max_iter: int) -> _Outs:
+def fake_outputs(B: int, n: int, m: int, like: Tensor, cfg_grad: str, max_iter: int) -> _Outs:
+    """Meta outputs of a forward op (shared by every backend's ``register_fake``)."""
     T = max_iter if cfg_grad == "unrolled" else 0
     return (
         like.new_empty(B, n),
@@ -106,7 +107,7 @@ def sinkhorn_op(
 
 @sinkhorn_op.register_fake
 def _(C, a, b, backend, eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad):  # noqa: ANN001, ANN202
-    return _fake_outs(*C.shape, like=C, cfg_grad=grad, max_iter=max_iter)
+    return fake_outputs(*C.shape, like=C, cfg_grad=grad, max_iter=max_iter)
 
 
 @torch.library.custom_op("optical_kernels::sinkhorn_backward", mutates_args=())
@@ -198,7 +199,7 @@ def sinkhorn_sample_op(
 def _(
     x, y, a, b, cost, backend, eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad
 ):  # noqa: ANN001, ANN202, E501
-    return _fake_outs(x.shape[0], x.shape[1], y.shape[1], like=a, cfg_grad=grad, max_iter=max_iter)
+    return fake_outputs(x.shape[0], x.shape[1], y.shape[1], a, grad, max_iter)
 
 
 @torch.library.custom_op("optical_kernels::sinkhorn_sample_backward", mutates_args=())
