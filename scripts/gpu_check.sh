@@ -10,6 +10,8 @@
 #   build      pip install --no-deps --no-build-isolation -e .   (PYTHONPATH=. fallback)
 #   tests      pytest tests/gpu/test_triton_gpu.py (real sizes vs the torch reference, gradcheck,
 #              no host sync, torch.compile)
+#   cuda_tests pytest -m gpu tests/test_cuda.py (the CUDA C++ backend vs the torch reference on
+#              CUDA tensors, side streams, CUDA-graph capture; needs the build stage's _cuda)
 #   sanitizer  compute-sanitizer memcheck on one small forward+backward (tests/gpu/sanitize_one.py)
 #   aot        register / spill report of the compiled kernels (tests/gpu/aot_compile.py)
 #   bench      bench/test_gpu.py: S2 (fp32, bf16), S3, S4 vs torch, POT solve_batch, GeomLoss,
@@ -133,6 +135,7 @@ stage env 30 env_info
 stage wheels 60 install_wheels
 stage build 150 "$PY" -m pip install --no-deps --no-build-isolation -e .
 stage tests 180 "$PY" -m pytest tests/gpu/test_triton_gpu.py -q -m gpu -p no:cacheprovider -rA
+stage cuda_tests 90 "$PY" -m pytest tests/test_cuda.py -q -m gpu -p no:cacheprovider -rA
 stage sanitizer 100 sanitize
 stage aot 60 "$PY" tests/gpu/aot_compile.py --json "$LOGS/aot.json"
 BENCH_LEFT=$(( $(remaining) - 45 ))
