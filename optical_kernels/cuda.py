@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .config import SolverConfig, SolverOut
-from .ops import fake_outputs
+from .ops import config_args, config_from_args, fake_outputs
 
 try:  # the compiled extension is optional (built by setup.py only where nvcc exists)
     from . import _cuda  # type: ignore[attr-defined]
@@ -184,27 +184,6 @@ def _launch(p: object, backward: bool, like: Tensor) -> None:
         _impl.forward(p)  # type: ignore[union-attr]
 
 
-def _cfg(
-    eps: float,
-    rho: float | None,
-    max_iter: int,
-    tol: float,
-    check_every: int,
-    sched_start: float | None,
-    sched_factor: float | None,
-    grad: str,
-    cg_max_iter: int = 0,
-    cg_tol: float = 0.0,
-) -> SolverConfig:
-    sched = None if sched_start is None else (float(sched_start), float(sched_factor or 0.5))
-    return SolverConfig(eps, rho, max_iter, tol, check_every, sched, grad, cg_max_iter, cg_tol)
-
-
-def _cfg_args(cfg: SolverConfig) -> tuple:
-    start, factor = cfg.eps_schedule if cfg.eps_schedule is not None else (None, None)
-    return (cfg.eps, cfg.rho, cfg.max_iter, cfg.tol, cfg.check_every, start, factor, cfg.grad)
-
-
 _FwdOuts = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
@@ -254,7 +233,7 @@ def cuda_forward_op(
     grad: str,
 ) -> _FwdOuts:
     """Resident forward on C [B, n, m] -> (f, g, value, value_linear, n_iters, err, hf, hg)."""
-    cfg = _cfg(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
     B, n, m = C.shape
     unrolled = grad == "unrolled"
     outs = _alloc_forward(B, n, m, C.dtype, C.device, unrolled, max_iter)
@@ -296,7 +275,7 @@ def cuda_forward_sample_op(
     grad: str,
 ) -> _FwdOuts:
     """Resident forward with the cost fused from x [B, n, d], y [B, m, d]; outputs in a.dtype."""
-    cfg = _cfg(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
     B, n, d = x.shape
     m = y.shape[1]
     unrolled = grad == "unrolled"
@@ -377,7 +356,7 @@ def cuda_backward_op(
     cg_tol: float,
 ) -> Tensor:
     """dL/dC [B, n, m] for the gradient mode ``grad``."""
-    cfg = _cfg(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
     B, n, m = C.shape
     G = torch.empty(B, n, m, dtype=C.dtype, device=C.device)
     if B == 0 or n == 0 or m == 0:
@@ -429,7 +408,7 @@ def cuda_backward_sample_op(
     cg_tol: float,
 ) -> tuple[Tensor, Tensor]:
     """(dL/dx [B, n, d], dL/dy [B, m, d] or an empty tensor), in a.dtype."""
-    cfg = _cfg(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
     B, n, d = x.shape
     m = y.shape[1]
     dx = torch.empty(B, n, d, dtype=a.dtype, device=a.device)
@@ -551,7 +530,7 @@ def forward(C: Tensor, a: Tensor, b: Tensor, cfg: SolverConfig) -> SolverOut:
     (rows past ``n_iters`` are 0 and never read). float16/bfloat16 ``C`` is upcast to float32.
     """
     C, a, b = _check_matrix(C, a, b)
-    outs = cuda_forward_op(C, a, b, *_cfg_args(cfg))
+    outs = cuda_forward_op(C, a, b, *config_args(cfg))
     return _to_out(outs, cfg)
 
 
@@ -587,7 +566,7 @@ def backward(
     g = out.g.detach().to(C.dtype).contiguous()
     n_iters = out.n_iters.detach().to(torch.int32).contiguous()
     return cuda_backward_op(
-        C, a, b, f, g, n_iters, hf, hg, gv, gl, *_cfg_args(cfg), cfg.cg_max_iter, cfg.cg_tol
+        C, a, b, f, g, n_iters, hf, hg, gv, gl, *config_args(cfg), cfg.cg_max_iter, cfg.cg_tol
     )
 
 
@@ -601,7 +580,7 @@ def forward_sample(
     multiplied on tensor cores with float32 accumulation).
     """
     x, y, a, b = _check_points(x, y, a, b, cost)
-    outs = cuda_forward_sample_op(x, y, a, b, cost, *_cfg_args(cfg))
+    outs = cuda_forward_sample_op(x, y, a, b, cost, *config_args(cfg))
     return _to_out(outs, cfg)
 
 
@@ -630,7 +609,7 @@ def backward_sample(
     g = out.g.detach().to(a.dtype).contiguous()
     n_iters = out.n_iters.detach().to(torch.int32).contiguous()
     dx, dy = cuda_backward_sample_op(
-        x, y, a, b, f, g, n_iters, hf, hg, gv, gl, cost, bool(need_dy), *_cfg_args(cfg),
+        x, y, a, b, f, g, n_iters, hf, hg, gv, gl, cost, bool(need_dy), *config_args(cfg),
         cfg.cg_max_iter, cfg.cg_tol,
     )  # fmt: skip
     return dx.to(x_dtype), (dy.to(x_dtype) if need_dy else None)

@@ -20,7 +20,7 @@ from .config import SolverConfig, SolverOut
 _Outs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
-def _config(
+def config_from_args(
     eps: float,
     rho: float | None,
     max_iter: int,
@@ -29,9 +29,13 @@ def _config(
     sched_start: float | None,
     sched_factor: float | None,
     grad: str,
+    cg_max_iter: int = 0,
+    cg_tol: float = 0.0,
 ) -> SolverConfig:
-    schedule = None if sched_start is None else (sched_start, float(sched_factor or 0.5))
-    return SolverConfig(eps, rho, max_iter, tol, check_every, schedule, grad)
+    """The :class:`SolverConfig` behind the scalar arguments of a custom op (inverse of
+    :func:`config_args`)."""
+    schedule = None if sched_start is None else (float(sched_start), float(sched_factor or 0.5))
+    return SolverConfig(eps, rho, max_iter, tol, check_every, schedule, grad, cg_max_iter, cg_tol)
 
 
 def config_args(cfg: SolverConfig) -> tuple:
@@ -100,7 +104,7 @@ def sinkhorn_op(
     grad: str,
 ) -> _Outs:
     """Solve a padded batch on cost C [B, n, m] with the named backend."""
-    cfg = _config(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
     out = backends.load(backend).forward(C, a, b, cfg)
     return _pack(out, cfg, *C.shape, like=C)
 
@@ -136,7 +140,7 @@ def sinkhorn_backward_op(
     grad: str,
 ) -> Tensor:
     """∂L/∂C [B, n, m] for the named backend and gradient mode."""
-    cfg = _config(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
     out = _unpack(f, g, value, value_linear, n_iters, err, hist_f, hist_g)
     dC = backends.load(backend).backward(C, a, b, out, grad_value, grad_value_linear, cfg)
     return dC.contiguous()
@@ -190,7 +194,7 @@ def sinkhorn_sample_op(
     grad: str,
 ) -> _Outs:
     """Solve with the cost fused from points x [B, n, d], y [B, m, d]."""
-    cfg = _config(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
     out = backends.load(backend).forward_sample(x, y, a, b, cost, cfg)
     return _pack(out, cfg, x.shape[0], x.shape[1], y.shape[1], like=a)
 
@@ -231,7 +235,7 @@ def sinkhorn_sample_backward_op(
     grad: str,
 ) -> tuple[Tensor, Tensor]:
     """(∂L/∂x [B, n, d], ∂L/∂y [B, m, d] or an empty tensor when ``need_dy`` is False)."""
-    cfg = _config(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
     out = _unpack(f, g, value, value_linear, n_iters, err, hist_f, hist_g)
     dx, dy = backends.load(backend).backward_sample(
         x, y, a, b, cost, out, grad_value, grad_value_linear, cfg, need_dy
