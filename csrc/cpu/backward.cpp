@@ -594,29 +594,11 @@ void Backward<T>::run(int k, bool par, int nt) {
 template <class T>
 void backward_impl(const BwdArgs& A) {
   const int nt = std::max(1, A.num_threads);
-  std::vector<int> small, large;
-  const T* ap = static_cast<const T*>(A.a);
-  const T* bp = static_cast<const T*>(A.b);
-  for (int k = 0; k < A.B; ++k) {
-    int64_t nv = 0, mv = 0;
-    for (int i = 0; i < A.n; ++i) nv += ap[k * A.sab + i * A.san] > T(0);
-    for (int j = 0; j < A.m; ++j) mv += bp[k * A.sbb + j * A.sbm] > T(0);
-    (nt > 1 && nv * mv >= A.par_min && A.mode != 2 ? large : small).push_back(k);
-  }
-  if (!small.empty()) {
-    const int ns = (int)small.size();
-    const int nts = std::min(nt, ns);
-#pragma omp parallel num_threads(nts)
-    {
-      Backward<T> bw(A);
-#pragma omp for schedule(dynamic, 1)
-      for (int q = 0; q < ns; ++q) bw.run(small[q], false, 1);
-    }
-  }
-  if (!large.empty()) {
-    Backward<T> bw(A);
-    for (int k : large) bw.run(k, true, nt);
-  }
+  run_batch<T>(A, nt, A.mode != 2, [&A]() {
+    return [solver = Backward<T>(A)](int k, bool inner, int threads) mutable {
+      solver.run(k, inner, threads);
+    };
+  });
 }
 
 template void backward_impl<float>(const BwdArgs&);

@@ -353,4 +353,35 @@ struct Problem {
   }
 };
 
+// Run every problem of a batch: problems whose valid n·m reaches A.par_min (and `allow_inner`)
+// run one after another with inner parallelism over `nt` threads; the others run in parallel,
+// one problem per thread. `make()` builds a worker (one per thread) called as
+// `worker(k, inner, threads)`. Shared by the forward and backward entry points.
+template <class T, class Args, class MakeWorker>
+void run_batch(const Args& A, int nt, bool allow_inner, MakeWorker make) {
+  std::vector<int> small, large;
+  const T* ap = static_cast<const T*>(A.a);
+  const T* bp = static_cast<const T*>(A.b);
+  for (int k = 0; k < A.B; ++k) {
+    int64_t nv = 0, mv = 0;
+    for (int i = 0; i < A.n; ++i) nv += ap[k * A.sab + i * A.san] > T(0);
+    for (int j = 0; j < A.m; ++j) mv += bp[k * A.sbb + j * A.sbm] > T(0);
+    (nt > 1 && allow_inner && nv * mv >= A.par_min ? large : small).push_back(k);
+  }
+  if (!small.empty()) {
+    const int ns = (int)small.size();
+    const int nts = std::min(nt, ns);
+#pragma omp parallel num_threads(nts)
+    {
+      auto worker = make();
+#pragma omp for schedule(dynamic, 1)
+      for (int q = 0; q < ns; ++q) worker(small[q], false, 1);
+    }
+  }
+  if (!large.empty()) {
+    auto worker = make();
+    for (int k : large) worker(k, true, nt);
+  }
+}
+
 }  // namespace okc

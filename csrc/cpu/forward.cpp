@@ -425,31 +425,11 @@ void Forward<T>::solve(int k, bool par, int nt) {
 template <class T>
 void forward_impl(const FwdArgs& A) {
   const int nt = std::max(1, A.num_threads);
-  // Problems large enough to use every thread on their own run one after another; the others
-  // run in parallel, one problem per thread.
-  std::vector<int> small, large;
-  const T* ap = static_cast<const T*>(A.a);
-  const T* bp = static_cast<const T*>(A.b);
-  for (int k = 0; k < A.B; ++k) {
-    int64_t nv = 0, mv = 0;
-    for (int i = 0; i < A.n; ++i) nv += ap[k * A.sab + i * A.san] > T(0);
-    for (int j = 0; j < A.m; ++j) mv += bp[k * A.sbb + j * A.sbm] > T(0);
-    (nt > 1 && nv * mv >= A.par_min ? large : small).push_back(k);
-  }
-  if (!small.empty()) {
-    const int ns = (int)small.size();
-    const int nts = std::min(nt, ns);
-#pragma omp parallel num_threads(nts)
-    {
-      Forward<T> solver(A);
-#pragma omp for schedule(dynamic, 1)
-      for (int q = 0; q < ns; ++q) solver.solve(small[q], false, 1);
-    }
-  }
-  if (!large.empty()) {
-    Forward<T> solver(A);
-    for (int k : large) solver.solve(k, true, nt);
-  }
+  run_batch<T>(A, nt, true, [&A]() {
+    return [solver = Forward<T>(A)](int k, bool inner, int threads) mutable {
+      solver.solve(k, inner, threads);
+    };
+  });
 }
 
 template void forward_impl<float>(const FwdArgs&);
