@@ -85,7 +85,8 @@ def _positive(name: str, v: object, allow_zero: bool = False) -> float:
     if isinstance(v, bool) or not isinstance(v, Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     v = float(v)
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+    # not math.isfinite(v): under torch.compile(dynamic=True) a default float is a SymFloat
+    if not (-math.inf < v < math.inf) or v < 0 or (v == 0 and not allow_zero):
         cmp = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be finite and {cmp}, got {v}")
     return v
@@ -215,7 +216,7 @@ def _points(x: object, y: object) -> tuple[torch.Tensor, torch.Tensor, bool]:
     if x.device != y.device:
         raise ValueError(f"device mismatch: x is on {x.device}, y is on {y.device}")
     if x.dtype != y.dtype:  # promote like torch losses (F.mse_loss); .to keeps each grad's dtype
-        dtype = torch.result_type(x, y)
+        dtype = torch.promote_types(x.dtype, y.dtype)  # = result_type for these >= 2-D tensors
         x, y = x.to(dtype), y.to(dtype)
     unbatched = x.dim() == 2
     if unbatched:
