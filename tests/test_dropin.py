@@ -249,6 +249,15 @@ def test_pot_translations_in_the_readme():
     torch.testing.assert_close(ours.value_linear,
                                torch.tensor(float(sol.value_linear), dtype=F64), rtol=1e-7,
                                atol=1e-9)
+    P = ot.sinkhorn(a.numpy(), b.numpy(), M, reg, numItermax=20000, stopThr=1e-14)
+    torch.testing.assert_close(ours.plan(), torch.from_numpy(P), rtol=1e-6, atol=1e-10)
+    # reg_type="entropy": the same plan, values differ by ε (H(a) + H(b))
+    sol_h = ot.solve(M, a.numpy(), b.numpy(), reg=reg, reg_type="entropy", max_iter=20000,
+                     tol=1e-14)
+    entropy = -(a * a.log()).sum() - (b * b.log()).sum()
+    torch.testing.assert_close(ours.value, float(sol_h.value) + reg * entropy, rtol=1e-7,
+                               atol=1e-9)
+    torch.testing.assert_close(ok.cost_matrix(x, y, "sqeuclidean"), Ct)
     # ot.solve_sample(X_a, X_b, a, b, reg=reg) (metric="sqeuclidean") = cost="sqeuclidean"
     sol_s = ot.solve_sample(x.numpy(), y.numpy(), a.numpy(), b.numpy(), reg=reg,
                             max_iter=20000, tol=1e-14)
