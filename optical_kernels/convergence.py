@@ -15,8 +15,9 @@ so do we, without flooding a training loop and without a host sync on CUDA:
   recorded; a later call (or :func:`flush`) reads them once the event has completed, so the
   hot path never waits for the GPU. At most :data:`PENDING` checks are in flight; while all
   slots are busy, further calls are not checked (the check is rate-limited, not queued);
-* **under** ``torch.compile`` nothing is checked (a traced graph cannot warn); read
-  ``OTResult.converged`` / ``OTResult.err``, which are always returned.
+* **under** ``torch.compile`` (and during CUDA graph capture) nothing is checked (a traced
+  graph cannot warn); read ``OTResult.converged`` / ``OTResult.err``, which are always
+  returned.
 """
 
 from __future__ import annotations
@@ -137,6 +138,8 @@ def warn_if_unconverged(
             n_bad = int(bad.sum())
             if n_bad:
                 _emit(_message(n_bad, err.numel(), float(err.max()), cfg, cost), site)
+            return
+        if torch.cuda.is_current_stream_capturing():  # inside a CUDA graph: no copies/events
             return
         buf = _slot(err.device)
         if buf is None:  # every slot in flight: rate-limited, skip this call's check
