@@ -147,5 +147,5 @@ def warn_if_unconverged(
         stats = torch.stack([bad.sum().to(torch.float64), err.max().to(torch.float64)])
         buf.copy_(stats, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(err.device))  # the stream the copy went on
     _pending.append((event, buf, (err.numel(), cfg, cost), site))

@@ -166,6 +166,23 @@ def test_size_routing_happens_inside_the_op(monkeypatch):
     assert counts == [counts[0]] * 3, f"compiles after each size: {counts}"
 
 
+@pytest.mark.parametrize("grad", ["implicit", "unrolled"])
+def test_opcheck_sample_op_on_a_size_fallback(monkeypatch, grad):
+    """The fused-cost op routed to a backend without fused entry points (the cost is built
+    inside the op) passes torch.library.opcheck, autograd included."""
+    mod = fused_reference_module("_ok_test_fused_max3")
+    mod.MAX_SIZE = 3
+    monkeypatch.setitem(__import__("sys").modules, mod.__name__, mod)
+    monkeypatch.setitem(registry._MODULES, "cpu", mod.__name__)
+    x, y, _, _ = random_problem(2, 4, 3, 5, seed=12, ragged=False, requires_grad=True)
+    a = torch.full((2, 4), 0.25, dtype=F64)
+    b = torch.full((2, 3), 1.0 / 3, dtype=F64)
+    args = (x, y, a, b, "cosine", "cpu>torch", 0.2, None, 12, 1e-6, 3, None, None, grad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the one-time size-fallback notice
+        torch.library.opcheck(torch.ops.optical_kernels.sinkhorn_sample.default, args)
+
+
 # ----------------------------------------------------------------------------- dtypes
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_mixed_dtypes_promote_and_grads_keep_input_dtype(backend):
