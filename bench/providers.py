@@ -239,8 +239,7 @@ def _ok_provider(backend: str, extra: Callable[[], dict[str, object] | None] | N
         return ok.sinkhorn_loss(
             x,
             y,
-            x_mask,
-            y_mask,
+            x_mask=x_mask, y_mask=y_mask,
             cost=cost,
             eps=eps,
             max_iter=n_iter,

@@ -62,9 +62,9 @@ def check_against_pot(
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # 'auto' falling back to 'torch'
-        res = ok.solve_sample(x, y, x_mask, y_mask, **kw)
+        res = ok.solve_sample(x, y, x_mask=x_mask, y_mask=y_mask, **kw)
         xg = x.clone().requires_grad_(True)
-        loss = ok.sinkhorn_loss(xg, y, x_mask, y_mask, reduction="sum", **kw)
+        loss = ok.sinkhorn_loss(xg, y, x_mask=x_mask, y_mask=y_mask, reduction="sum", **kw)
         (gx,) = torch.autograd.grad(loss, xg)
 
     n = x_mask.sum(1).tolist()

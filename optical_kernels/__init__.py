@@ -1,15 +1,18 @@
 """optical_kernels: fused entropic optimal transport losses between token embeddings.
 
 Public names (DESIGN §4): :func:`sinkhorn_loss`, :class:`SinkhornLoss`, :func:`solve`,
-:func:`solve_sample`, :func:`cost_matrix`, :class:`OTResult`, :func:`backends`.
+:func:`solve_sample`, :func:`cost_matrix`, :class:`OTResult`, :func:`backends`,
+:class:`ConvergenceWarning`.
 """
 
 from .api import SinkhornLoss, sinkhorn_loss, solve, solve_sample
 from .backends import backends
+from .convergence import ConvergenceWarning
 from .costs import cost_matrix
 from .result import OTResult
 
 __all__ = [
+    "ConvergenceWarning",
     "OTResult",
     "SinkhornLoss",
     "backends",

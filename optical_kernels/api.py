@@ -12,6 +12,7 @@ solved by log-domain Sinkhorn. With ``rho`` the marginal constraints are relaxed
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ import torch
 
 from . import backends as _backends
 from .config import GRAD_MODES, SolverConfig, SolverOut
+from .convergence import warn_if_unconverged
 from .costs import COSTS, centre, cost_matrix
 from .ops import run
 from .result import OTResult
@@ -83,7 +85,8 @@ def _positive(name: str, v: object, allow_zero: bool = False) -> float:
     if isinstance(v, bool) or not isinstance(v, Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     v = float(v)
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+    # not math.isfinite(v): under torch.compile(dynamic=True) a default float is a SymFloat
+    if not (-math.inf < v < math.inf) or v < 0 or (v == 0 and not allow_zero):
         cmp = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be finite and {cmp}, got {v}")
     return v
@@ -144,16 +147,27 @@ def _config(
 def _mask(
     name: str, mask: object, shape: tuple[int, ...], device: torch.device
 ) -> torch.Tensor | None:
+    """Checked validity mask -> bool [B, k]. Accepts what tokenizers and users produce: bool,
+    any integer dtype (a Hugging Face ``attention_mask`` is int64) or a 0/1 floating tensor;
+    nonzero = valid. Integer/float masks must hold only 0 and 1 (checked where input checks
+    run, see :func:`_check_finite_enabled`)."""
     if mask is None:
         return None
     mask = _tensor(name, mask)
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor (True = valid point), got {mask.dtype}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"{name} must be a bool, integer or 0/1 float tensor, got {mask.dtype}")
     if tuple(mask.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"{name} is on {mask.device} but the points are on {device}")
-    return mask
+    if mask.dtype == torch.bool:
+        return mask
+    if _check_finite_enabled(mask) and mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
+        bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+        raise ValueError(
+            f"{name} must hold only 0/1 (or True/False; nonzero = valid point), found {bad!r}"
+        )
+    return mask != 0
 
 
 def _weights(
@@ -199,10 +213,11 @@ def _points(x: object, y: object) -> tuple[torch.Tensor, torch.Tensor, bool]:
         )
     if x.dim() == 3 and x.shape[0] != y.shape[0]:
         raise ValueError(f"batch size mismatch: x has B={x.shape[0]}, y has B={y.shape[0]}")
-    if x.dtype != y.dtype:
-        raise ValueError(f"dtype mismatch: x is {x.dtype}, y is {y.dtype}")
     if x.device != y.device:
         raise ValueError(f"device mismatch: x is on {x.device}, y is on {y.device}")
+    if x.dtype != y.dtype:  # promote like torch losses (F.mse_loss); .to keeps each grad's dtype
+        dtype = torch.promote_types(x.dtype, y.dtype)  # = result_type for these >= 2-D tensors
+        x, y = x.to(dtype), y.to(dtype)
     unbatched = x.dim() == 2
     if unbatched:
         x, y = x.unsqueeze(0), y.unsqueeze(0)
@@ -227,6 +242,13 @@ def _marginals(
             for name, t in (("x_mask", x_mask), ("y_mask", y_mask), ("a", a), ("b", b))
         )
     B, n, m = shape
+    for name, w, kw in (("a", a, "x_mask"), ("b", b, "y_mask")):
+        if isinstance(w, torch.Tensor) and not (w.dtype.is_floating_point or w.dtype.is_complex):
+            raise TypeError(
+                f"{name} must be a floating weight tensor, got {w.dtype}. Weights come third "
+                f"and fourth, as in POT (solve_sample(x, y, a, b)); masks are keyword-only: "
+                f"pass {kw}=..."
+            )
     xm = _mask("x_mask", x_mask, (B, n), device)
     ym = _mask("y_mask", y_mask, (B, m), device)
     balanced = cfg.rho is None
@@ -267,9 +289,36 @@ def _result(
     )
 
 
+# --------------------------------------------------------------------------- dispatch
+def _backend_name(backend: str, device: torch.device, dtype: torch.dtype) -> tuple[str, bool]:
+    """``(backend or route name, fuses the cost)``, independent of the problem size.
+
+    While Dynamo traces, the look-ups go through :mod:`optical_kernels._traced` (marked
+    constant; imported only then, so ``import optical_kernels`` does not load ``torch._dynamo``).
+    Size-dependent routing happens inside the custom ops, where sizes are concrete.
+    """
+    if torch.compiler.is_compiling():
+        from . import _traced
+
+        name = _traced.resolve_name(backend, device.type, dtype)
+        return name, _traced.fuses_cost(name)
+    name = _backends.resolve_name(backend, device.type, dtype)
+    return name, _backends.fuses_cost(name)
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off inside the solver: the cost, weights and potentials are computed in the
+    working dtype (float32/float64) whatever autocast would pick for the matmuls; the inputs
+    were already promoted by :func:`_points` and their gradients keep their own dtype."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------------- solvers
 def _solve_points(
     backend_name: str,
+    fused: bool,
     x: torch.Tensor,
     y: torch.Tensor,
     x_valid: torch.Tensor,
@@ -280,7 +329,7 @@ def _solve_points(
     cfg: SolverConfig,
 ) -> tuple[SolverOut, torch.Tensor | None]:
     """One OT solve between point sets; returns the output and C when it was materialised."""
-    if _backends.fuses_cost(backend_name):
+    if fused:
         for name, t in (("x", x), ("y", y)):
             if _check_finite_enabled(t) and t.numel() and not _all_finite(t):
                 raise ValueError(f"{name} contains NaN or Inf values")
@@ -314,11 +363,11 @@ def _masked_cost(
 def solve_sample(
     x: torch.Tensor,
     y: torch.Tensor,
-    x_mask: torch.Tensor | None = None,
-    y_mask: torch.Tensor | None = None,
     a: torch.Tensor | None = None,
     b: torch.Tensor | None = None,
     *,
+    x_mask: torch.Tensor | None = None,
+    y_mask: torch.Tensor | None = None,
     cost: str = "cosine",
     eps: float = 0.05,
     objective: str = "linear",
@@ -332,13 +381,20 @@ def solve_sample(
 ) -> OTResult:
     """Entropic OT between point clouds x [B, n, d] and y [B, m, d] (or [n, d], [m, d]).
 
+    Argument order as POT's ``ot.solve_sample(X_a, X_b, a, b)``: points, then weights; masks
+    are keyword-only (the same in :func:`solve` and :func:`sinkhorn_loss`).
+
     Args:
         x: [B, n, d] source points (the student's token embeddings in OPTICAL).
-        y: [B, m, d] target points (the teacher's token embeddings).
-        x_mask: [B, n] bool, True for valid points. Default: all valid.
-        y_mask: [B, m] bool. Default: all valid.
+        y: [B, m, d] target points (the teacher's token embeddings). If x and y have
+            different floating dtypes both are promoted to ``torch.result_type(x, y)``, as
+            torch losses do (autocast is switched off inside the solver); each gradient comes
+            back in its input's dtype.
         a: [B, n] non-negative weights. Default: uniform over valid points.
         b: [B, m] non-negative weights. Default: uniform over valid points.
+        x_mask: [B, n] validity mask, keyword-only: bool, integer (a tokenizer's
+            ``attention_mask``) or 0/1 float; nonzero = valid point. Default: all valid.
+        y_mask: [B, m] validity mask, as ``x_mask``.
         cost: ``"cosine"`` (default, ``1 − x̂·ŷ``), ``"sqeuclidean"`` (``‖x−y‖²``) or
             ``"dot"`` (``−x·y``).
         eps: ε > 0, absolute, in cost units. Default 0.05.
@@ -357,8 +413,13 @@ def solve_sample(
         backend: ``"auto"`` (default), ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
-        :class:`OTResult` with ``value`` [B] the objective (differentiable w.r.t. x and y).
-        Weights are treated as constants (no gradient flows to ``a``, ``b``).
+        :class:`OTResult` with ``value`` [B] the objective selected by ``objective``
+        (differentiable w.r.t. x and y; ``value_linear`` is always ``<P, C>``). Weights are
+        treated as constants (no gradient flows to ``a``, ``b``).
+
+    A solve that stops at ``max_iter`` with an error ``>= tol`` emits a
+    :class:`~optical_kernels.ConvergenceWarning` (once per call site; see
+    :func:`optical_kernels.convergence.warn_if_unconverged`), unless ``tol=0``.
     """
     cfg, objective = _config(
         eps=eps,
@@ -373,20 +434,24 @@ def solve_sample(
     )
     cost = _choice("cost", cost, COSTS)
     x, y, unbatched = _points(x, y)
-    B, n, _ = x.shape
-    m = y.shape[1]
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    aw, bw = _marginals(x_mask, y_mask, a, b, (B, n, m), x.device, work, cfg, unbatched)
-    xv, yv = aw > 0, bw > 0
-    name = _backends.resolve_name(backend, x.device.type, x.dtype, max(n, m))
-    out, C = _solve_points(name, x, y, xv, yv, aw, bw, cost, cfg)
-    value = out.value_linear if objective == "linear" else out.value
-    if objective == "divergence":
-        out_xx, _ = _solve_points(name, x, x, xv, xv, aw, aw, cost, cfg)
-        out_yy, _ = _solve_points(name, y, y, yv, yv, bw, bw, cost, cfg)
-        value = out.value - 0.5 * (out_xx.value + out_yy.value)
-        value = torch.where(xv.any(1) & yv.any(1), value, 0.0)  # empty: 0, no gradient
+    with _no_autocast(x.device):
+        B, n, _ = x.shape
+        m = y.shape[1]
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        aw, bw = _marginals(x_mask, y_mask, a, b, (B, n, m), x.device, work, cfg, unbatched)
+        xv, yv = aw > 0, bw > 0
+        name, fused = _backend_name(backend, x.device, x.dtype)
+        out, C = _solve_points(name, fused, x, y, xv, yv, aw, bw, cost, cfg)
+        value = out.value_linear if objective == "linear" else out.value
+        errs = [out.err]
+        if objective == "divergence":
+            out_xx, _ = _solve_points(name, fused, x, x, xv, xv, aw, aw, cost, cfg)
+            out_yy, _ = _solve_points(name, fused, y, y, yv, yv, bw, bw, cost, cfg)
+            value = out.value - 0.5 * (out_xx.value + out_yy.value)
+            value = torch.where(xv.any(1) & yv.any(1), value, 0.0)  # empty: 0, no gradient
+            errs += [out_xx.err, out_yy.err]
     res = _result(out, value, cfg, aw, bw, C, unbatched)
+    warn_if_unconverged(errs, cfg, cost)
     if C is None:  # fused backend: plan() recomputes C on demand
         xd, yd = x.detach(), y.detach()
         res._cost = lambda: _masked_cost(xd, yd, xv, yv, cost, work)
@@ -397,9 +462,9 @@ def solve(
     C: torch.Tensor,
     a: torch.Tensor | None = None,
     b: torch.Tensor | None = None,
+    *,
     x_mask: torch.Tensor | None = None,
     y_mask: torch.Tensor | None = None,
-    *,
     eps: float = 0.05,
     objective: str = "linear",
     grad: str = "auto",
@@ -412,9 +477,11 @@ def solve(
 ) -> OTResult:
     """Entropic OT on a precomputed cost C [B, n, m] (or [n, m]); differentiable in C.
 
-    ``x_mask`` [B, n] / ``y_mask`` [B, m] mark valid rows / columns of C; ``a``, ``b`` are the
-    row / column weights. ``objective`` is ``"linear"`` or ``"entropic"`` (``"divergence"``
-    needs points: use :func:`solve_sample`). Other arguments as in :func:`solve_sample`.
+    Argument order as POT's ``ot.solve(M, a, b)``: ``a``, ``b`` are the row / column weights;
+    the keyword-only ``x_mask`` [B, n] / ``y_mask`` [B, m] mark valid rows / columns of C
+    (bool, integer or 0/1 float; nonzero = valid). ``objective`` is ``"linear"`` or
+    ``"entropic"`` (``"divergence"`` needs points: use :func:`solve_sample`); ``value``
+    follows it. Other arguments as in :func:`solve_sample`.
     """
     cfg, objective = _config(
         eps=eps,
@@ -436,22 +503,25 @@ def solve(
         C = C.unsqueeze(0)
     B, n, m = C.shape
     work = torch.float64 if C.dtype == torch.float64 else torch.float32
-    aw, bw = _marginals(x_mask, y_mask, a, b, (B, n, m), C.device, work, cfg, unbatched)
-    name = _backends.resolve_name(backend, C.device.type, C.dtype, max(n, m))
-    Cw = torch.where((aw > 0)[:, :, None] & (bw > 0)[:, None, :], C.to(work), 0.0).contiguous()
-    out = run(name, cfg, C=Cw, a=aw, b=bw)
-    value = out.value_linear if objective == "linear" else out.value
+    with _no_autocast(C.device):
+        aw, bw = _marginals(x_mask, y_mask, a, b, (B, n, m), C.device, work, cfg, unbatched)
+        name, _ = _backend_name(backend, C.device, C.dtype)
+        valid = (aw > 0)[:, :, None] & (bw > 0)[:, None, :]
+        Cw = torch.where(valid, C.to(work), 0.0).contiguous()
+        out = run(name, cfg, C=Cw, a=aw, b=bw)
+        value = out.value_linear if objective == "linear" else out.value
+    warn_if_unconverged([out.err], cfg, None)
     return _result(out, value, cfg, aw, bw, Cw, unbatched)
 
 
 def sinkhorn_loss(
     x: torch.Tensor,
     y: torch.Tensor,
-    x_mask: torch.Tensor | None = None,
-    y_mask: torch.Tensor | None = None,
     a: torch.Tensor | None = None,
     b: torch.Tensor | None = None,
     *,
+    x_mask: torch.Tensor | None = None,
+    y_mask: torch.Tensor | None = None,
     cost: str = "cosine",
     eps: float = 0.05,
     objective: str = "linear",
@@ -469,16 +539,19 @@ def sinkhorn_loss(
     Returns the objective of :func:`solve_sample` (default ``<P, C>`` with the implicit
     gradient), reduced over the batch: ``reduction="mean"`` (default, sum / B; empty problems
     count as 0), ``"sum"`` or ``"none"`` ([B]; a scalar for unbatched inputs). Every other
-    argument is documented in :func:`solve_sample`.
+    argument is documented in :func:`solve_sample`; as there, the masks are keyword-only::
+
+        loss = sinkhorn_loss(student_tokens, teacher_tokens,
+                             x_mask=student_attention_mask, y_mask=teacher_attention_mask)
     """
     reduction = _choice("reduction", reduction, REDUCTIONS)
     res = solve_sample(
         x,
         y,
-        x_mask,
-        y_mask,
         a,
         b,
+        x_mask=x_mask,
+        y_mask=y_mask,
         cost=cost,
         eps=eps,
         objective=objective,
@@ -503,7 +576,7 @@ class SinkhornLoss(torch.nn.Module):
     Example::
 
         loss_fn = SinkhornLoss(eps=0.05, cost="cosine")
-        loss = loss_fn(student_tokens, teacher_tokens, student_mask, teacher_mask)
+        loss = loss_fn(student_tokens, teacher_tokens, x_mask=student_mask, y_mask=teacher_mask)
     """
 
     def __init__(
@@ -554,13 +627,14 @@ class SinkhornLoss(torch.nn.Module):
         self,
         x: torch.Tensor,
         y: torch.Tensor,
-        x_mask: torch.Tensor | None = None,
-        y_mask: torch.Tensor | None = None,
         a: torch.Tensor | None = None,
         b: torch.Tensor | None = None,
+        *,
+        x_mask: torch.Tensor | None = None,
+        y_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Loss between x [B, n, d] and y [B, m, d]; see :func:`sinkhorn_loss`."""
-        return sinkhorn_loss(x, y, x_mask, y_mask, a, b, **self.kwargs)
+        return sinkhorn_loss(x, y, a, b, x_mask=x_mask, y_mask=y_mask, **self.kwargs)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

@@ -61,32 +61,33 @@ def backends() -> dict[str, dict[str, object]]:
     return {name: dict(zip(("available", "reason"), status(name))) for name in BACKENDS}
 
 
-def resolve(
-    backend: str, device: torch.device, dtype: torch.dtype, max_side: int = 0
-) -> tuple[str, ModuleType]:
-    """Pick the backend module for ``backend`` (``auto`` or a name) on ``device``.
+def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> tuple[str, ModuleType]:
+    """Pick the backend for ``backend`` (``auto`` or a name) on ``device``; no size argument.
 
     ``auto``: CUDA tensors -> ``triton`` (then ``cuda``), CPU tensors -> ``cpu``; falls back to
-    ``torch`` with a one-time warning when the preferred backend is unavailable (a backend
-    with a ``MAX_SIZE`` smaller than ``max_side`` = max(n, m) is skipped). Set
+    ``torch`` with a one-time warning when the preferred backend is unavailable. Set
     ``OPTICAL_KERNELS_QUIET=1`` to silence the warning. An explicitly named backend that is
     unavailable raises ``ValueError`` naming what to install.
+
+    The choice never depends on the problem size, so that ``torch.compile`` can treat it as a
+    constant while n and m are symbolic. An ``auto`` pick with a ``MAX_SIZE`` (the resident
+    ``cuda`` kernels) is returned as the *route* ``"cuda>torch"``: the custom op decides, on
+    the concrete sizes it runs with, whether the problem fits or goes to ``torch``
+    (:func:`route`). The module returned is the primary one.
     """
     if backend == "auto":
         prefs = ["triton", "cuda"] if device.type == "cuda" else ["cpu"]
         for name in prefs:
             ok, why = status(name)
-            if ok and _supports(name, device, dtype) and _fits(name, max_side):
-                return name, load(name)  # type: ignore[return-value]
-        key = f"{device.type}:{prefs[0]}"
-        if key not in _warned and not os.environ.get("OPTICAL_KERNELS_QUIET"):
-            _warned.add(key)
-            warnings.warn(
-                f"backend='auto': {prefs[0]!r} is unavailable for {device.type} tensors "
-                f"({status(prefs[0])[1]}); falling back to the pure-PyTorch 'torch' backend",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            if ok and _supports(name, device, dtype):
+                mod = load(name)
+                if getattr(mod, "MAX_SIZE", None) is not None:
+                    return f"{name}>torch", mod  # type: ignore[return-value]
+                return name, mod  # type: ignore[return-value]
+        _warn_fallback(f"{device.type}:{prefs[0]}", (
+            f"backend='auto': {prefs[0]!r} is unavailable for {device.type} tensors "
+            f"({status(prefs[0])[1]}); falling back to the pure-PyTorch 'torch' backend"
+        ))
         return "torch", load("torch")  # type: ignore[return-value]
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
@@ -104,10 +105,35 @@ def resolve(
     return backend, load(backend)  # type: ignore[return-value]
 
 
-@torch.compiler.assume_constant_result
-def resolve_name(backend: str, device_type: str, dtype: torch.dtype, max_side: int = 0) -> str:
-    """Name of the backend :func:`resolve` picks; a constant for ``torch.compile`` tracing."""
-    return resolve(backend, torch.device(device_type), dtype, max_side)[0]
+def _warn_fallback(key: str, message: str, stacklevel: int = 4) -> None:
+    if key not in _warned and not os.environ.get("OPTICAL_KERNELS_QUIET"):
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+
+
+def resolve_name(backend: str, device_type: str, dtype: torch.dtype) -> str:
+    """Name (or ``"primary>fallback"`` route) of the backend :func:`resolve` picks.
+
+    Independent of the problem size; under ``torch.compile`` the API calls it through
+    :mod:`optical_kernels._traced`, which marks it as a constant for tracing.
+    """
+    return resolve(backend, torch.device(device_type), dtype)[0]
+
+
+def route(name: str, n: int, m: int) -> str:
+    """The backend that runs a problem of padded sizes ``n``, ``m`` (concrete ints: called
+    inside the custom ops): ``name`` itself, or for a route ``"primary>fallback"`` the primary
+    when ``max(n, m)`` fits its ``MAX_SIZE`` and the fallback (with a one-time warning)
+    otherwise."""
+    primary, _, fallback = name.partition(">")
+    if not fallback or _fits(primary, max(n, m)):
+        return primary
+    limit = getattr(load(primary), "MAX_SIZE", None)
+    _warn_fallback(f"size:{primary}", (
+        f"backend='auto': {primary!r} handles n, m <= {limit} but got n={n}, m={m}; this "
+        f"problem runs on the {fallback!r} backend"
+    ), stacklevel=2)
+    return fallback
 
 
 def _fits(name: str, max_side: int) -> bool:
@@ -115,10 +141,11 @@ def _fits(name: str, max_side: int) -> bool:
     return limit is None or max_side <= limit
 
 
-@torch.compiler.assume_constant_result
 def fuses_cost(name: str) -> bool:
-    """Whether backend ``name`` provides ``forward_sample``/``backward_sample``."""
-    return hasattr(load(name), "forward_sample")
+    """Whether backend (or route) ``name`` takes points: its primary provides
+    ``forward_sample``/``backward_sample`` (a fallback without them gets the cost materialised
+    inside the op, :mod:`optical_kernels.ops`)."""
+    return hasattr(load(name.partition(">")[0]), "forward_sample")
 
 
 def _supports(name: str, device: torch.device, dtype: torch.dtype) -> bool:

@@ -8,14 +8,23 @@ Two ops, each with a fake (meta) implementation so ``torch.compile`` traces thro
 
 Both return ``(f, g, value, value_linear, n_iters, err, hist_f, hist_g)``; ``hist_*`` are
 [max_iter, B, ·] for ``grad="unrolled"`` and [0, B, ·] otherwise. The backend is passed by
-name and looked up in :mod:`optical_kernels.backends`.
+name and looked up in :mod:`optical_kernels.backends`; a route ``"primary>fallback"`` is
+resolved here, on the concrete sizes the op runs with (:func:`optical_kernels.backends.route`),
+so the traced graph does not depend on n and m. A fallback without fused-cost entry points
+runs the sample op on the cost materialised inside the op (:func:`_sample_impl`).
+
+The backward ops have an autograd formula that raises: double backward (differentiating a
+gradient taken with ``create_graph=True``) is not supported.
 """
+
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from . import backends
 from .config import SolverConfig, SolverOut
+from .costs import cost_matrix, cost_vjp
 
 _Outs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
@@ -87,6 +96,50 @@ def fake_outputs(B: int, n: int, m: int, like: Tensor, cfg_grad: str, max_iter: 
     )
 
 
+def _module(backend: str, n: int, m: int) -> ModuleType:
+    """The backend module that runs a problem of padded sizes n, m (concrete here)."""
+    return backends.load(backends.route(backend, n, m))  # type: ignore[return-value]
+
+
+def _sample_impl(backend: str, n: int, m: int):  # noqa: ANN202
+    """``(forward_sample, backward_sample)`` of the routed backend; for a backend without
+    them (a size fallback to ``torch``), the same contract on the cost materialised here."""
+    mod = _module(backend, n, m)
+    if hasattr(mod, "forward_sample"):
+        return mod.forward_sample, mod.backward_sample
+
+    def forward_sample(x, y, a, b, cost, cfg):  # noqa: ANN001, ANN202
+        return mod.forward(_dense_cost(x, y, a, b, cost), a, b, cfg)
+
+    def backward_sample(x, y, a, b, cost, out, gv, gvl, cfg, need_dy):  # noqa: ANN001, ANN202
+        xw, yw = x.to(a.dtype), y.to(a.dtype)
+        G = mod.backward(_dense_cost(xw, yw, a, b, cost), a, b, out, gv, gvl, cfg)
+        dx, dy = cost_vjp(G, xw, yw, cost, need_dy)
+        return dx.to(x.dtype), (None if dy is None else dy.to(y.dtype))
+
+    return forward_sample, backward_sample
+
+
+def _dense_cost(x: Tensor, y: Tensor, a: Tensor, b: Tensor, cost: str) -> Tensor:
+    """C [B, n, m] in the weights' dtype, 0 at padded entries (the dense-backend contract)."""
+    va, vb = a > 0, b > 0
+    C = cost_matrix(x.to(a.dtype), y.to(a.dtype), cost, va, vb)
+    return torch.where(va[:, :, None] & vb[:, None, :], C, 0.0).contiguous()
+
+
+def _no_double_backward(ctx, *grads):  # noqa: ANN001, ANN002, ANN202
+    raise RuntimeError(
+        "optical_kernels: double backward is not supported: the gradient of a Sinkhorn loss "
+        "(taken with create_graph=True, e.g. for a gradient penalty or a Hessian-vector "
+        "product) cannot be differentiated again. Take the OT gradient without "
+        "create_graph, or detach it before using it in a second backward pass."
+    )
+
+
+def _setup_nothing(ctx, inputs, output) -> None:  # noqa: ANN001
+    return None
+
+
 # ----------------------------------------------------------------- dense (given C)
 @torch.library.custom_op("optical_kernels::sinkhorn", mutates_args=())
 def sinkhorn_op(
@@ -105,7 +158,7 @@ def sinkhorn_op(
 ) -> _Outs:
     """Solve a padded batch on cost C [B, n, m] with the named backend."""
     cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
-    out = backends.load(backend).forward(C, a, b, cfg)
+    out = _module(backend, C.shape[1], C.shape[2]).forward(C, a, b, cfg)
     return _pack(out, cfg, *C.shape, like=C)
 
 
@@ -142,7 +195,8 @@ def sinkhorn_backward_op(
     """∂L/∂C [B, n, m] for the named backend and gradient mode."""
     cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
     out = _unpack(f, g, value, value_linear, n_iters, err, hist_f, hist_g)
-    dC = backends.load(backend).backward(C, a, b, out, grad_value, grad_value_linear, cfg)
+    mod = _module(backend, C.shape[1], C.shape[2])
+    dC = mod.backward(C, a, b, out, grad_value, grad_value_linear, cfg)
     return dC.contiguous()
 
 
@@ -173,6 +227,7 @@ def _backward_dense(ctx, df, dg, gv, gvl, *_):  # noqa: ANN001, ANN002, ANN202
 
 
 sinkhorn_op.register_autograd(_backward_dense, setup_context=_setup_dense)
+sinkhorn_backward_op.register_autograd(_no_double_backward, setup_context=_setup_nothing)
 
 
 # ----------------------------------------------------------------- sample (fused cost)
@@ -195,7 +250,7 @@ def sinkhorn_sample_op(
 ) -> _Outs:
     """Solve with the cost fused from points x [B, n, d], y [B, m, d]."""
     cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
-    out = backends.load(backend).forward_sample(x, y, a, b, cost, cfg)
+    out = _sample_impl(backend, x.shape[1], y.shape[1])[0](x, y, a, b, cost, cfg)
     return _pack(out, cfg, x.shape[0], x.shape[1], y.shape[1], like=a)
 
 
@@ -237,7 +292,7 @@ def sinkhorn_sample_backward_op(
     """(∂L/∂x [B, n, d], ∂L/∂y [B, m, d] or an empty tensor when ``need_dy`` is False)."""
     cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
     out = _unpack(f, g, value, value_linear, n_iters, err, hist_f, hist_g)
-    dx, dy = backends.load(backend).backward_sample(
+    dx, dy = _sample_impl(backend, x.shape[1], y.shape[1])[1](
         x, y, a, b, cost, out, grad_value, grad_value_linear, cfg, need_dy
     )
     return dx.contiguous(), (dy.contiguous() if dy is not None else x.new_zeros(0))
@@ -268,6 +323,7 @@ def _backward_sample(ctx, df, dg, gv, gvl, *_):  # noqa: ANN001, ANN002, ANN202
 
 
 sinkhorn_sample_op.register_autograd(_backward_sample, setup_context=_setup_sample)
+sinkhorn_sample_backward_op.register_autograd(_no_double_backward, setup_context=_setup_nothing)
 
 
 def run(

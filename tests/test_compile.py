@@ -145,7 +145,7 @@ def _training_problem():
 
 def _step(model, x_in, y, xm, ym, **kw):
     x = model(x_in)
-    loss = ok.sinkhorn_loss(x, y, xm, ym, backend="torch", max_iter=20, **kw)
+    loss = ok.sinkhorn_loss(x, y, x_mask=xm, y_mask=ym, backend="torch", max_iter=20, **kw)
     loss.backward()
     return loss.detach()
 
@@ -199,7 +199,7 @@ def test_compiled_op_fullgraph():
 
 
 def _loss(model, x_in, y, xm, ym):
-    return ok.sinkhorn_loss(model(x_in), y, xm, ym, backend="torch", max_iter=20)
+    return ok.sinkhorn_loss(model(x_in), y, x_mask=xm, y_mask=ym, backend="torch", max_iter=20)
 
 
 def test_compiled_loss_fullgraph():

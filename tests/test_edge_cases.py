@@ -35,7 +35,8 @@ EMPTY_ROWS = (1, 3, 4)  # problem 1: no x; problem 3: no y; problem 4: neither
 @pytest.mark.parametrize("cost", COSTS)
 def test_empty_problems_in_batch(cost, objective, grad):
     x, y, xm, ym = random_problem(5, 6, 5, 3, seed=1, empty_rows=EMPTY_ROWS, requires_grad=True)
-    res = solve_sample(x, y, xm, ym, cost=cost, objective=objective, grad=grad, max_iter=30, **T)
+    res = solve_sample(x, y, x_mask=xm, y_mask=ym, cost=cost, objective=objective, grad=grad,
+                       max_iter=30, **T)
     dx, dy = torch.autograd.grad(res.value.sum(), (x, y))
     e = list(EMPTY_ROWS)
     assert res.empty.tolist() == [False, True, False, True, True]
@@ -61,7 +62,7 @@ def test_empty_problems_dense(objective, grad):
     ym[2] = False
     a = random_weights(xm, seed=3)
     a[3] = 0.0  # all-zero weights make a problem empty too
-    res = solve(C, a, None, xm, ym, objective=objective, grad=grad, **T)
+    res = solve(C, a, None, x_mask=xm, y_mask=ym, objective=objective, grad=grad, **T)
     (dC,) = torch.autograd.grad(res.value.sum(), (C,))
     e = [0, 2, 3]
     assert res.empty.tolist() == [True, False, True, True]
@@ -75,7 +76,8 @@ def test_empty_problems_dense(objective, grad):
 def test_all_empty_batch(objective, grad):
     x, y, xm, ym = random_problem(3, 4, 5, 3, seed=4, empty_rows=(0, 1, 2), requires_grad=True)
     for reduction in ("mean", "sum", "none"):
-        loss = sinkhorn_loss(x, y, xm, ym, objective=objective, grad=grad, reduction=reduction,
+        loss = sinkhorn_loss(x, y, x_mask=xm, y_mask=ym, objective=objective, grad=grad,
+                             reduction=reduction,
                              **T)
         assert loss.shape == ((3,) if reduction == "none" else ())
         assert (loss == 0).all()
@@ -101,7 +103,8 @@ def test_zero_size_problems(sizes, grad):
 @pytest.mark.parametrize("cost", COSTS)
 def test_empty_problems_divergence(cost, grad):
     x, y, xm, ym = random_problem(4, 6, 5, 3, seed=5, empty_rows=(1, 2, 3), requires_grad=True)
-    res = solve_sample(x, y, xm, ym, cost=cost, objective="divergence", grad=grad, max_iter=30,
+    res = solve_sample(x, y, x_mask=xm, y_mask=ym, cost=cost, objective="divergence", grad=grad,
+                       max_iter=30,
                        **T)
     dx, dy = torch.autograd.grad(res.value.sum(), (x, y))
     e = [1, 2, 3]
@@ -113,9 +116,9 @@ def test_empty_problems_divergence(cost, grad):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_empty_problem_reduction(reduction):
     x, y, xm, ym = random_problem(4, 6, 5, 3, seed=6, empty_rows=(2,))
-    per = sinkhorn_loss(x, y, xm, ym, reduction="none", **T)
+    per = sinkhorn_loss(x, y, x_mask=xm, y_mask=ym, reduction="none", **T)
     assert per[2] == 0
-    loss = sinkhorn_loss(x, y, xm, ym, reduction=reduction, **T)
+    loss = sinkhorn_loss(x, y, x_mask=xm, y_mask=ym, reduction=reduction, **T)
     expected = {"none": per, "sum": per.sum(), "mean": per.sum() / 4}[reduction]
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
 
@@ -174,7 +177,7 @@ def test_weights_get_no_gradient():
     """Weights are constants (documented): no gradient flows to a or b."""
     x, y, xm, ym = random_problem(2, 5, 4, 3, seed=37, requires_grad=True)
     a = random_weights(xm, seed=38).requires_grad_(True)
-    res = solve_sample(x, y, xm, ym, a, **T)
+    res = solve_sample(x, y, a, x_mask=xm, y_mask=ym, **T)
     res.value.sum().backward()
     assert a.grad is None and x.grad is not None
 
@@ -184,7 +187,7 @@ def test_unbatched_outputs_sample():
     x, y, _, _ = random_problem(1, 6, 4, 3, seed=11, ragged=False)
     x, y = x[0].requires_grad_(True), y[0].requires_grad_(True)
     xm = torch.tensor([True, True, False, True, True, True])
-    res = solve_sample(x, y, xm, **T)
+    res = solve_sample(x, y, x_mask=xm, **T)
     assert res.value.shape == () and res.value_linear.shape == ()
     assert res.potentials[0].shape == (6,) and res.potentials[1].shape == (4,)
     for t in (res.n_iters, res.err, res.converged, res.empty):
@@ -192,7 +195,7 @@ def test_unbatched_outputs_sample():
     assert res.plan().shape == (6, 4)
     dx, dy = torch.autograd.grad(res.value, (x, y))
     assert dx.shape == (6, 3) and dy.shape == (4, 3) and (dx[2] == 0).all()
-    batched = solve_sample(x[None].detach(), y[None].detach(), xm[None], **T)
+    batched = solve_sample(x[None].detach(), y[None].detach(), x_mask=xm[None], **T)
     torch.testing.assert_close(res.value.detach(), batched.value[0])
     for reduction in ("mean", "sum", "none"):
         assert sinkhorn_loss(x, y, reduction=reduction, **T).shape == ()
@@ -217,7 +220,8 @@ def test_extreme_eps_and_scale_are_finite(cost, objective, grad):
         x, y, xm, ym = random_problem(
             2, 6, 5, 4, dtype=torch.float32, seed=13, scale=scale, requires_grad=True
         )
-        res = solve_sample(x, y, xm, ym, cost=cost, objective=objective, grad=grad, eps=eps,
+        res = solve_sample(x, y, x_mask=xm, y_mask=ym, cost=cost, objective=objective, grad=grad,
+                           eps=eps,
                            max_iter=10, **T)
         dx, dy = torch.autograd.grad(res.value.sum(), (x, y))
         assert_finite(res.value, res.value_linear, res.err, *res.potentials, dx, dy)
@@ -231,16 +235,16 @@ def test_sqeuclidean_far_from_origin(grad):
     kw = dict(cost="sqeuclidean", eps=0.5, grad=grad, tol=0.0, max_iter=50, **T)
     x32 = (x0 + 1e4).float().requires_grad_(True)
     y32 = (y0 + 1e4).float().requires_grad_(True)
-    res32 = solve_sample(x32, y32, xm, ym, **kw)
+    res32 = solve_sample(x32, y32, x_mask=xm, y_mask=ym, **kw)
     dx32, dy32 = torch.autograd.grad(res32.value.sum(), (x32, y32))
     x64 = x32.detach().double().requires_grad_(True)
     y64 = y32.detach().double().requires_grad_(True)
-    res64 = solve_sample(x64, y64, xm, ym, **kw)
+    res64 = solve_sample(x64, y64, x_mask=xm, y_mask=ym, **kw)
     dx64, dy64 = torch.autograd.grad(res64.value.sum(), (x64, y64))
     torch.testing.assert_close(res32.value.double(), res64.value, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(dx32.double(), dx64, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(dy32.double(), dy64, rtol=1e-3, atol=1e-3)
-    res0 = solve_sample(x0, y0, xm, ym, **kw)
+    res0 = solve_sample(x0, y0, x_mask=xm, y_mask=ym, **kw)
     torch.testing.assert_close(res32.value.double(), res0.value, rtol=1e-2, atol=1e-2)
 
 
@@ -248,13 +252,13 @@ def test_sqeuclidean_far_from_origin(grad):
 @pytest.mark.parametrize("grad", GRAD_MODES)
 def test_low_precision_inputs(dtype, grad):
     x, y, xm, ym = random_problem(3, 6, 5, 8, dtype=dtype, seed=15, requires_grad=True)
-    res = solve_sample(x, y, xm, ym, grad=grad, **T)
+    res = solve_sample(x, y, x_mask=xm, y_mask=ym, grad=grad, **T)
     assert res.value.dtype == torch.float32 and res.potentials[0].dtype == torch.float32
     dx, dy = torch.autograd.grad(res.value.sum(), (x, y))
     assert dx.dtype == dtype and dy.dtype == dtype
     assert_finite(res.value, *res.potentials, dx, dy)
     # same problem on the upcast inputs
-    ref = solve_sample(x.detach().float(), y.detach().float(), xm, ym, grad=grad, **T)
+    ref = solve_sample(x.detach().float(), y.detach().float(), x_mask=xm, y_mask=ym, grad=grad, **T)
     torch.testing.assert_close(res.value, ref.value, rtol=1e-5, atol=1e-5)
 
 
@@ -272,7 +276,7 @@ def test_low_precision_cost(dtype):
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_unbalanced_runs(objective, grad):
     x, y, xm, ym = random_problem(3, 6, 5, 3, seed=17, requires_grad=True, empty_rows=(2,))
-    res = solve_sample(x, y, xm, ym, rho=0.5, objective=objective, grad=grad, **T)
+    res = solve_sample(x, y, x_mask=xm, y_mask=ym, rho=0.5, objective=objective, grad=grad, **T)
     dx, dy = torch.autograd.grad(res.value.sum(), (x, y))
     assert_finite(res.value, res.err, *res.potentials, dx, dy)
     assert res.value[2] == 0 or objective == "divergence"
@@ -305,7 +309,7 @@ def test_unbalanced_auto_grad_linear():
 def test_plan_marginals_balanced():
     x, y, xm, ym = random_problem(4, 7, 6, 3, seed=21)
     a, b = random_weights(xm, seed=22), random_weights(ym, seed=23)
-    res = solve_sample(x, y, xm, ym, a, b, eps=0.2, tol=1e-10, max_iter=5000, **T)
+    res = solve_sample(x, y, a, b, x_mask=xm, y_mask=ym, eps=0.2, tol=1e-10, max_iter=5000, **T)
     assert res.converged.all()
     P = res.plan()
     assert P.shape == (4, 7, 6) and (P >= 0).all()
@@ -339,15 +343,16 @@ def test_result_eps_and_plan_not_differentiable():
 # ----------------------------------------------------------------------------- convergence
 def test_converged_flags():
     x, y, xm, ym = random_problem(4, 6, 5, 3, seed=26, empty_rows=(3,))
-    easy = solve_sample(x, y, xm, ym, eps=0.5, tol=1e-6, max_iter=1000, check_every=5, **T)
+    easy = solve_sample(x, y, x_mask=xm, y_mask=ym, eps=0.5, tol=1e-6, max_iter=1000,
+                        check_every=5, **T)
     assert easy.converged.all() and (easy.err[:3] < 1e-6).all()
     assert ((easy.n_iters[:3] % 5) == 0).all() and (easy.n_iters[:3] < 1000).all()
     xm_all, ym_all = torch.ones_like(xm), torch.ones_like(ym)
     ym_all[3] = False  # problem 3 stays empty; the others use every point (no 1-point sides)
-    hard = solve_sample(x, y, xm_all, ym_all, eps=0.01, tol=1e-12, max_iter=2, **T)
+    hard = solve_sample(x, y, x_mask=xm_all, y_mask=ym_all, eps=0.01, tol=1e-12, max_iter=2, **T)
     assert hard.converged.tolist() == [False, False, False, True]
     assert (hard.n_iters[:3] == 2).all()
-    never = solve_sample(x, y, xm, ym, tol=0.0, max_iter=7, **T)
+    never = solve_sample(x, y, x_mask=xm, y_mask=ym, tol=0.0, max_iter=7, **T)
     assert never.converged.tolist() == [False, False, False, True]  # err < 0 never holds
     assert never.n_iters.tolist() == [7, 7, 7, 0]
     for res, tol in ((easy, 1e-6), (hard, 1e-12), (never, 0.0)):
@@ -379,9 +384,9 @@ def test_check_every_controls_stopping_points():
 def test_module_equals_functional(kwargs):
     x, y, xm, ym = random_problem(3, 6, 5, 4, seed=28, requires_grad=True)
     module = SinkhornLoss(**kwargs, backend="torch")
-    out_m = module(x, y, xm, ym)
+    out_m = module(x, y, x_mask=xm, y_mask=ym)
     gm = torch.autograd.grad(out_m.sum(), (x, y))
-    out_f = sinkhorn_loss(x, y, xm, ym, **kwargs, backend="torch")
+    out_f = sinkhorn_loss(x, y, x_mask=xm, y_mask=ym, **kwargs, backend="torch")
     gf = torch.autograd.grad(out_f.sum(), (x, y))
     torch.testing.assert_close(out_m, out_f, rtol=0, atol=0)
     for u, v in zip(gm, gf):
@@ -396,28 +401,30 @@ def test_module_weights_argument():
     x, y, xm, ym = random_problem(2, 5, 4, 3, seed=29)
     a, b = random_weights(xm, seed=30), random_weights(ym, seed=31)
     module = SinkhornLoss(backend="torch", reduction="none")
-    torch.testing.assert_close(module(x, y, xm, ym, a, b),
-                               solve_sample(x, y, xm, ym, a, b, **T).value)
+    torch.testing.assert_close(module(x, y, a, b, x_mask=xm, y_mask=ym),
+                               solve_sample(x, y, a, b, x_mask=xm, y_mask=ym, **T).value)
 
 
 def test_reduction_semantics():
     x, y, xm, ym = random_problem(5, 6, 5, 3, seed=32, requires_grad=True)
-    per = sinkhorn_loss(x, y, xm, ym, reduction="none", **T)
+    per = sinkhorn_loss(x, y, x_mask=xm, y_mask=ym, reduction="none", **T)
     assert per.shape == (5,)
-    torch.testing.assert_close(per, solve_sample(x, y, xm, ym, **T).value)
-    torch.testing.assert_close(sinkhorn_loss(x, y, xm, ym, reduction="sum", **T), per.sum())
-    mean = sinkhorn_loss(x, y, xm, ym, **T)  # default reduction is mean
+    torch.testing.assert_close(per, solve_sample(x, y, x_mask=xm, y_mask=ym, **T).value)
+    total = sinkhorn_loss(x, y, x_mask=xm, y_mask=ym, reduction="sum", **T)
+    torch.testing.assert_close(total, per.sum())
+    mean = sinkhorn_loss(x, y, x_mask=xm, y_mask=ym, **T)  # default reduction is mean
     torch.testing.assert_close(mean, per.mean())
     g_mean = torch.autograd.grad(mean, x)[0]
-    g_sum = torch.autograd.grad(sinkhorn_loss(x, y, xm, ym, reduction="sum", **T), x)[0]
+    total = sinkhorn_loss(x, y, x_mask=xm, y_mask=ym, reduction="sum", **T)
+    g_sum = torch.autograd.grad(total, x)[0]
     torch.testing.assert_close(g_mean * 5, g_sum)
 
 
 def test_default_objective_is_linear_plan_cost():
     x, y, xm, ym = random_problem(2, 5, 4, 3, seed=33)
-    res = solve_sample(x, y, xm, ym, **T)
+    res = solve_sample(x, y, x_mask=xm, y_mask=ym, **T)
     torch.testing.assert_close(res.value, res.value_linear, rtol=0, atol=0)
-    ent = solve_sample(x, y, xm, ym, objective="entropic", **T)
+    ent = solve_sample(x, y, x_mask=xm, y_mask=ym, objective="entropic", **T)
     torch.testing.assert_close(ent.value_linear, res.value_linear)
     assert (ent.value >= ent.value_linear - 1e-12).all()  # ε·KL ≥ 0
 
@@ -436,6 +443,6 @@ def test_auto_backend_on_cpu_gives_same_result_as_torch():
     x, y, xm, ym = random_problem(2, 5, 4, 3, seed=34)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # one-time fallback notice
-        auto = solve_sample(x, y, xm, ym)
-    ref = solve_sample(x, y, xm, ym, **T)
+        auto = solve_sample(x, y, x_mask=xm, y_mask=ym)
+    ref = solve_sample(x, y, x_mask=xm, y_mask=ym, **T)
     torch.testing.assert_close(auto.value, ref.value, rtol=1e-5, atol=1e-6)

@@ -41,8 +41,7 @@ def test_gradcheck_unrolled_is_exact(cost, objective):
         out = ok.sinkhorn_loss(
             x,
             y,
-            xm,
-            ym,
+            x_mask=xm, y_mask=ym,
             cost=cost,
             eps=eps,
             objective=objective,
@@ -67,8 +66,7 @@ def test_gradcheck_unrolled_schedule_unbalanced_early_stop():
         out = ok.sinkhorn_loss(
             x,
             y,
-            xm,
-            ym,
+            x_mask=xm, y_mask=ym,
             cost="sqeuclidean",
             eps=1.0,
             rho=3.0,
@@ -97,8 +95,7 @@ def test_gradcheck_implicit_linear(cost):
         out = ok.sinkhorn_loss(
             x,
             y,
-            xm,
-            ym,
+            x_mask=xm, y_mask=ym,
             cost=cost,
             eps=eps,
             grad="implicit",
@@ -126,8 +123,7 @@ def test_gradcheck_envelope_exact_for_entropic(cost, objective):
         out = ok.sinkhorn_loss(
             x,
             y,
-            xm,
-            ym,
+            x_mask=xm, y_mask=ym,
             cost=cost,
             eps=eps,
             objective=objective,

@@ -73,9 +73,9 @@ def test_transpose_symmetry(B, n, m, seed, eps, grad):
     _, _, xm, ym = random_problem(B, n, m, 1, seed=seed + 1)
     a, b = random_weights(xm, seed + 2), random_weights(ym, seed + 3)
     kw = dict(eps=eps, objective="entropic", grad=grad, **CONVERGED, **T)
-    r1 = solve(C, a, b, xm, ym, **kw)
+    r1 = solve(C, a, b, x_mask=xm, y_mask=ym, **kw)
     Ct = C.detach().transpose(1, 2).clone().requires_grad_(True)
-    r2 = solve(Ct, b, a, ym, xm, **kw)
+    r2 = solve(Ct, b, a, x_mask=ym, y_mask=xm, **kw)
     assume(bool(r1.converged.all() and r2.converged.all()))  # symmetric only at the fixed point
     close(r1.value, r2.value, 1e-8)
     close(r1.value_linear, r2.value_linear, 1e-8)
@@ -95,8 +95,8 @@ def test_swap_point_sets(n, m, d, seed, eps, cost):
     """All three costs are symmetric, so swapping x and y transposes the problem."""
     x, y, xm, ym = random_problem(2, n, m, d, seed=seed)
     kw = dict(cost=cost, eps=eps, objective="entropic", **CONVERGED, **T)
-    r1 = solve_sample(x, y, xm, ym, **kw)
-    r2 = solve_sample(y, x, ym, xm, **kw)
+    r1 = solve_sample(x, y, x_mask=xm, y_mask=ym, **kw)
+    r2 = solve_sample(y, x, x_mask=ym, y_mask=xm, **kw)
     assume(bool(r1.converged.all() and r2.converged.all()))  # 1-D, small ε: can be slow
     close(r1.value, r2.value, 1e-8)
     close(r1.plan(), r2.plan().transpose(1, 2), 1e-8)
@@ -112,10 +112,10 @@ def test_permutation_equivariance(n, m, seed, eps, cost, grad):
     gen = torch.Generator().manual_seed(seed)
     pi, sigma = torch.randperm(n, generator=gen), torch.randperm(m, generator=gen)
     kw = dict(cost=cost, eps=eps, grad=grad, tol=0.0, max_iter=15, **T)
-    r1 = solve_sample(x, y, xm, ym, a, b, **kw)
+    r1 = solve_sample(x, y, a, b, x_mask=xm, y_mask=ym, **kw)
     xp = x.detach()[:, pi].requires_grad_(True)
     yp = y.detach()[:, sigma].requires_grad_(True)
-    r2 = solve_sample(xp, yp, xm[:, pi], ym[:, sigma], a[:, pi], b[:, sigma], **kw)
+    r2 = solve_sample(xp, yp, a[:, pi], b[:, sigma], x_mask=xm[:, pi], y_mask=ym[:, sigma], **kw)
     close(r1.value, r2.value)
     close(r1.potentials[0][:, pi], r2.potentials[0])
     close(r1.potentials[1][:, sigma], r2.potentials[1])
@@ -147,8 +147,8 @@ def test_padding_invariance_sample(n, m, extra_n, extra_m, front, seed, cost, gr
     yp.requires_grad_(True)
     kw = dict(cost=cost, grad=grad, objective=objective, eps=0.2, tol=tol, max_iter=40,
               check_every=4, **T)
-    r1 = solve_sample(x, y, xm, ym, a, b, **kw)
-    r2 = solve_sample(xp, yp, xmp, ymp, ap, bp, **kw)
+    r1 = solve_sample(x, y, a, b, x_mask=xm, y_mask=ym, **kw)
+    r2 = solve_sample(xp, yp, ap, bp, x_mask=xmp, y_mask=ymp, **kw)
     vx = slice(extra_n, None) if front else slice(0, n)
     vy = slice(extra_m, None) if front else slice(0, m)
     close(r1.value, r2.value)
@@ -176,8 +176,8 @@ def test_padding_invariance_dense(n, m, extra_n, extra_m, seed, grad, objective)
     xmp = torch.cat([xm, torch.zeros(3, extra_n, dtype=torch.bool)], 1)
     ymp = torch.cat([ym, torch.zeros(3, extra_m, dtype=torch.bool)], 1)
     kw = dict(grad=grad, objective=objective, eps=0.1, tol=1e-7, max_iter=60, check_every=3, **T)
-    r1 = solve(C, None, None, xm, ym, **kw)
-    r2 = solve(Cp, None, None, xmp, ymp, **kw)
+    r1 = solve(C, None, None, x_mask=xm, y_mask=ym, **kw)
+    r2 = solve(Cp, None, None, x_mask=xmp, y_mask=ymp, **kw)
     close(r1.value, r2.value)
     close(r1.potentials[0], r2.potentials[0][:, :n])
     close(r1.potentials[1], r2.potentials[1][:, :m])
@@ -194,8 +194,8 @@ def test_zero_weight_equals_masked():
     a = random_weights(xm, 4)
     a[:, 2] = 0.0
     keep = torch.tensor([0, 1, 3, 4, 5])
-    r1 = solve_sample(x, y, None, None, a, None, tol=0.0, max_iter=20, **T)
-    r2 = solve_sample(x[:, keep], y, None, None, a[:, keep], None, tol=0.0, max_iter=20, **T)
+    r1 = solve_sample(x, y, a, tol=0.0, max_iter=20, **T)
+    r2 = solve_sample(x[:, keep], y, a[:, keep], tol=0.0, max_iter=20, **T)
     close(r1.value, r2.value)
     close(r1.potentials[0][:, keep], r2.potentials[0])
     assert (r1.potentials[0][:, 2] == 0).all()
@@ -213,8 +213,8 @@ def test_cost_shift(B, n, m, seed, eps, shift, grad, tol):
     C1 = C.clone().requires_grad_(True)
     C2 = (C + shift).requires_grad_(True)
     for objective in ("entropic", "linear"):
-        r1 = solve(C1, a, b, xm, ym, objective=objective, **kw)
-        r2 = solve(C2, a, b, xm, ym, objective=objective, **kw)
+        r1 = solve(C1, a, b, x_mask=xm, y_mask=ym, objective=objective, **kw)
+        r2 = solve(C2, a, b, x_mask=xm, y_mask=ym, objective=objective, **kw)
         close(r2.value, r1.value + shift, 1e-9)
         close(r2.value_linear, r1.value_linear + shift, 1e-9)
         close(r1.plan(), r2.plan(), 1e-9)
@@ -235,12 +235,12 @@ def test_batch_independence(n, m, seed, cost, grad, objective):
     kw = dict(cost=cost, grad=grad, objective=objective, eps=0.1, tol=1e-6, max_iter=60,
               check_every=3, **T)
     xb, yb = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
-    rb = solve_sample(xb, yb, xm, ym, **kw)
+    rb = solve_sample(xb, yb, x_mask=xm, y_mask=ym, **kw)
     dxb, dyb = torch.autograd.grad(rb.value.sum(), (xb, yb))
     for k in range(B):
         xk = x[k : k + 1].clone().requires_grad_(True)
         yk = y[k : k + 1].clone().requires_grad_(True)
-        rk = solve_sample(xk, yk, xm[k : k + 1], ym[k : k + 1], **kw)
+        rk = solve_sample(xk, yk, x_mask=xm[k : k + 1], y_mask=ym[k : k + 1], **kw)
         dxk, dyk = torch.autograd.grad(rk.value.sum(), (xk, yk))
         assert rk.n_iters.item() == rb.n_iters[k].item()
         close(rk.value[0], rb.value[k])
@@ -275,7 +275,7 @@ def test_entropic_value_equals_dual_at_convergence(B, n, m, seed, eps):
     C = random_cost(B, n, m, seed=seed)
     _, _, xm, ym = random_problem(B, n, m, 1, seed=seed + 1)
     a, b = random_weights(xm, seed + 2), random_weights(ym, seed + 3)
-    r = solve(C, a, b, xm, ym, eps=eps, objective="entropic", **CONVERGED, **T)
+    r = solve(C, a, b, x_mask=xm, y_mask=ym, eps=eps, objective="entropic", **CONVERGED, **T)
     assume(bool(r.converged.all()))
     an = torch.where(xm, a, 0.0) / torch.where(xm, a, 0.0).sum(1, keepdim=True)
     bn = torch.where(ym, b, 0.0) / torch.where(ym, b, 0.0).sum(1, keepdim=True)
@@ -294,7 +294,8 @@ def test_fused_sample_path_equals_dense_path(monkeypatch, cost, grad):
     results = []
     for backend in ("torch", fused):
         xr, yr = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
-        r = solve_sample(xr, yr, xm, ym, cost=cost, grad=grad, objective="linear", tol=1e-6,
+        r = solve_sample(xr, yr, x_mask=xm, y_mask=ym, cost=cost, grad=grad, objective="linear",
+                         tol=1e-6,
                          max_iter=50, backend=backend)
         results.append((r, *torch.autograd.grad(r.value.sum(), (xr, yr))))
     (r1, dx1, dy1), (r2, dx2, dy2) = results
@@ -306,6 +307,7 @@ def test_fused_sample_path_equals_dense_path(monkeypatch, cost, grad):
     close(r1.plan(), r2.plan(), 1e-8)
     # x alone requiring grad: the fused backward skips dy
     xr = x.clone().requires_grad_(True)
-    r = solve_sample(xr, y, xm, ym, cost=cost, grad=grad, backend=fused, tol=1e-6, max_iter=50)
+    r = solve_sample(xr, y, x_mask=xm, y_mask=ym, cost=cost, grad=grad, backend=fused, tol=1e-6,
+                     max_iter=50)
     (dx,) = torch.autograd.grad(r.value.sum(), (xr,))
     close(dx, dx1, 1e-7)

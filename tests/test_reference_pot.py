@@ -40,7 +40,8 @@ def test_balanced_matches_pot_solve(cost, eps):
     x, y, xm, ym, a, b = ragged_batch(seed=hash((cost, eps)) % 1000)
     if cost != "cosine":
         eps = eps * 4  # larger cost range
-    res = ok.solve_sample(x, y, xm, ym, a, b, cost=cost, eps=eps, objective="entropic", **TIGHT)
+    res = ok.solve_sample(x, y, a, b, x_mask=xm, y_mask=ym, cost=cost, eps=eps,
+                          objective="entropic", **TIGHT)
     P = res.plan()
     f, g = res.potentials
     assert bool(res.converged.all())
@@ -69,7 +70,7 @@ def test_balanced_matches_pot_solve(cost, eps):
 def test_linear_loss_matches_pot_sinkhorn2():
     x, y, xm, ym, _, _ = ragged_batch(seed=3, B=4)
     eps = 0.2
-    loss = ok.sinkhorn_loss(x, y, xm, ym, eps=eps, reduction="none", **TIGHT)
+    loss = ok.sinkhorn_loss(x, y, x_mask=xm, y_mask=ym, eps=eps, reduction="none", **TIGHT)
     for k in range(x.shape[0]):
         M, ak, bk = _valid(
             k,
@@ -92,7 +93,8 @@ def test_unbalanced_matches_pot(rho):
     x, y, xm, ym, a, b = ragged_batch(seed=11, B=4)
     eps = 0.2
     res = ok.solve_sample(
-        x, y, xm, ym, a, b, eps=eps, rho=rho, objective="entropic", cost="sqeuclidean", **TIGHT
+        x, y, a, b, x_mask=xm, y_mask=ym, eps=eps, rho=rho, objective="entropic",
+        cost="sqeuclidean", **TIGHT
     )
     P = res.plan()
     for k in range(x.shape[0]):

@@ -469,7 +469,7 @@ def test_public_api_backend_triton() -> None:
     losses, grads = [], []
     for backend in ("triton", "torch"):
         xr = x.clone().requires_grad_(True)
-        loss = ok.sinkhorn_loss(xr, y, xm, None, max_iter=20, backend=backend)
+        loss = ok.sinkhorn_loss(xr, y, x_mask=xm, max_iter=20, backend=backend)
         loss.backward()
         losses.append(loss.detach())
         grads.append(xr.grad)

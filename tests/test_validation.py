@@ -48,6 +48,11 @@ def call_solve(**kw):
 ENTRY_POINTS = [call_sample, call_loss, call_solve]
 
 
+def _value(out):
+    """The value of a solve (OTResult) or of a loss (tensor)."""
+    return out if isinstance(out, torch.Tensor) else out.value
+
+
 # ----------------------------------------------------------------------------- points
 @pytest.mark.parametrize(
     "x_shape, y_shape, match",
@@ -75,10 +80,13 @@ def test_cost_matrix_shapes_and_cost():
 
 
 @pytest.mark.parametrize("fn", [solve_sample, sinkhorn_loss])
-def test_dtype_mismatch(fn):
+def test_dtype_mismatch_promotes(fn):
+    """Different floating dtypes are promoted (torch.result_type), as torch losses do."""
     x, y = pts()
-    with pytest.raises(ValueError, match=r"dtype.*x.*float64.*y.*float32"):
-        fn(x, y.float(), backend="torch")
+    out = fn(x, y.float(), backend="torch", max_iter=3)
+    ref = fn(x, y.float().double(), backend="torch", max_iter=3)
+    assert _value(out).dtype == F64
+    torch.testing.assert_close(_value(out), _value(ref))
 
 
 @pytest.mark.parametrize("which", ["x", "y"])
@@ -157,11 +165,31 @@ def test_mask_shape(fn, name):
 @pytest.mark.parametrize("name", ["x_mask", "y_mask"])
 @pytest.mark.parametrize("fn", ENTRY_POINTS)
 def test_mask_dtype(fn, name):
+    """bool, integer and 0/1 float masks are accepted (nonzero = valid); other values and
+    complex or non-tensor masks raise, naming the argument."""
     k = 5 if name == "x_mask" else 4
-    with pytest.raises(TypeError, match=rf"^{name} must be a bool"):
-        fn(**{name: torch.ones(2, k)})
-    with pytest.raises(TypeError, match=rf"^{name} must be a bool"):
-        fn(**{name: torch.ones(2, k, dtype=torch.int64)})
+
+    def run(**kw):
+        torch.manual_seed(0)  # the same points every call
+        return _value(fn(**kw))
+
+    mask = torch.ones(2, k, dtype=torch.bool)
+    mask[1, -1] = False
+    ref = run(**{name: mask})
+    assert not torch.equal(ref, run())  # the mask matters
+    for dtype in (torch.int64, torch.int32, torch.uint8, torch.float32, torch.float16):
+        torch.testing.assert_close(run(**{name: mask.to(dtype)}), ref)
+    for bad in (2.0, 0.5, -1.0, math.nan):
+        m = torch.ones(2, k)
+        m[1, 1] = bad
+        with pytest.raises(ValueError, match=rf"^{name} must hold only 0/1"):
+            fn(**{name: m})
+    m = torch.ones(2, k, dtype=torch.int64)
+    m[0, 0] = 3
+    with pytest.raises(ValueError, match=rf"^{name} must hold only 0/1.*found 3"):
+        fn(**{name: m})
+    with pytest.raises(TypeError, match=rf"^{name} must be a bool, integer or 0/1 float"):
+        fn(**{name: torch.ones(2, k, dtype=torch.complex64)})
     with pytest.raises(TypeError, match=rf"^{name} must be a torch.Tensor"):
         fn(**{name: [[True] * k] * 2})
 
@@ -178,10 +206,10 @@ def test_mask_device(fn, name):
 def test_unbatched_mask_shape():
     x, y = pts(B=None)
     with pytest.raises(ValueError, match="x_mask must have shape"):
-        solve_sample(x, y, torch.ones(1, 5, dtype=torch.bool), backend="torch")
+        solve_sample(x, y, x_mask=torch.ones(1, 5, dtype=torch.bool), backend="torch")
     # correct unbatched masks are accepted
-    res = solve_sample(x, y, torch.ones(5, dtype=torch.bool), torch.ones(4, dtype=torch.bool),
-                       backend="torch", max_iter=2)
+    res = solve_sample(x, y, x_mask=torch.ones(5, dtype=torch.bool),
+                       y_mask=torch.ones(4, dtype=torch.bool), backend="torch", max_iter=2)
     assert res.value.shape == ()
 
 

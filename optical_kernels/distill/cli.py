@@ -7,7 +7,7 @@ Examples::
     torchrun --nproc_per_node 2 -m optical_kernels.distill distill --out runs/ot  # DDP
     optical-kernels eval --checkpoint runs/ot/checkpoint.pt --baselines
     optical-kernels align --checkpoint runs/ot/checkpoint.pt --out align.png
-    optical-kernels bench -k S1                   # pytest bench/ (from the repository root)
+    optical-kernels bench -k S1                   # pytest bench/ -k S1 (any directory)
 
 Every failure prints one line, ``optical-kernels <command>: error: <what happened>; <what to
 do>``, and exits with status 2 (argument errors) or 1 (everything else).
@@ -201,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ot(p)
 
     p = sub.add_parser("bench", help="run the benchmark suite (pytest bench/)",
-                       description="Runs `python -m pytest bench/ ARGS` from the repository "
-                                   "root; extra arguments go to pytest.")
+                       description="Runs `python -m pytest bench/ ARGS` in the source checkout "
+                                   "of the installed package (from any directory); every "
+                                   "argument after `bench` goes to pytest unchanged.")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="arguments for pytest")
     return ap
 
@@ -409,15 +410,29 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_root() -> Path:
+    """The source checkout whose ``bench/`` to run: the one this package is imported from
+    (an editable install or a checkout on ``sys.path``), else the current directory."""
+    import optical_kernels
+
+    for root in (Path(optical_kernels.__file__).resolve().parents[1], Path.cwd()):
+        if (root / "bench" / "conftest.py").is_file() and (root / "pyproject.toml").is_file():
+            return root
+    raise CLIError(
+        f"no bench/ folder next to the installed package or in {Path.cwd()}: the benchmarks "
+        "ship with the source repository; clone it, `pip install -e '.[bench]'` there and run "
+        f"`{PROG} bench` (or `make bench`)"
+    )
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    bench = Path.cwd() / "bench"
-    if not bench.is_dir():
-        raise CLIError(f"no bench/ folder in {Path.cwd()}: run `{PROG} bench` from the "
-                       "optical_kernels repository root")
-    extra = [a for a in args.pytest_args if a != "--"]
+    root = bench_root()
+    extra = list(args.pytest_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
     cmd = [sys.executable, "-m", "pytest", "bench/", *extra]
-    print("+", " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+    print(f"+ (cd {root} &&", " ".join(cmd) + ")", flush=True)
+    return subprocess.call(cmd, cwd=root)
 
 
 COMMANDS = {"data": cmd_data, "distill": cmd_distill, "eval": cmd_eval, "align": cmd_align,
@@ -427,7 +442,12 @@ COMMANDS = {"data": cmd_data, "distill": cmd_distill, "eval": cmd_eval, "align":
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``optical-kernels`` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"] and argv[1:2] not in (["-h"], ["--help"]):
+        # everything after `bench` goes to pytest verbatim (argparse would reject `-k`)
+        args = argparse.Namespace(command="bench", pytest_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2

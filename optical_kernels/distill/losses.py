@@ -87,7 +87,8 @@ def ot_loss(
     """
     opts = options or OTOptions()
     return optical_kernels.sinkhorn_loss(
-        x.float(), y.detach().float(), x_mask, y_mask, reduction="mean", **opts.kwargs()
+        x.float(), y.detach().float(), x_mask=x_mask, y_mask=y_mask, reduction="mean",
+        **opts.kwargs(),
     )
 
 

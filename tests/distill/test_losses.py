@@ -45,7 +45,8 @@ def test_ot_loss_matches_sinkhorn_loss_and_options_pass_through():
     x, y, xm, ym = _batch()
     opts = OTOptions(eps=0.1, max_iter=50, tol=0.0, cost="sqeuclidean")
     got = ot_loss(x, y, xm, ym, opts)
-    want = ok.sinkhorn_loss(x, y, xm, ym, eps=0.1, max_iter=50, tol=0.0, cost="sqeuclidean")
+    want = ok.sinkhorn_loss(x, y, x_mask=xm, y_mask=ym, eps=0.1, max_iter=50, tol=0.0,
+                            cost="sqeuclidean")
     assert got.shape == ()
     torch.testing.assert_close(got, want)
     assert got.item() != pytest.approx(ot_loss(x, y, xm, ym).item())  # options matter
