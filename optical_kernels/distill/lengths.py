@@ -9,12 +9,21 @@ it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 DEFAULT_MAX_LENGTHS = (64, 128, 256)
+# Words are separated by white space or by the Ethiopic wordspace U+1361 (Amharic, Tigrinya
+# texts often use it instead of a space).
+_WORD = re.compile(r"[^\s\u1361]+")
+
+
+def count_words(text: str) -> int:
+    """Number of words of ``text`` (separated by white space or the Ethiopic wordspace ``፡``)."""
+    return len(_WORD.findall(text))
 
 
 def token_length_stats(
@@ -40,7 +49,8 @@ def token_length_stats(
     Returns:
         ``{"n_texts", "words", "pieces", "pieces_per_word", "mean_tokens", "median_tokens",
         "max_tokens", "truncated": {L: fraction}}``; ``pieces`` counts the content pieces of
-        the texts alone (no prefix, no special tokens), ``words`` whitespace-separated words.
+        the texts alone (no prefix, no special tokens), ``words`` the words
+        (:func:`count_words`).
         An empty ``texts`` gives zeros.
     """
     lengths = sorted({int(x) for x in max_lengths})
@@ -56,7 +66,7 @@ def token_length_stats(
         full += [len(x) for x in tokenizer([prefix + t for t in chunk])["input_ids"]]
         pieces += sum(len(x) for x in
                       tokenizer(chunk, add_special_tokens=False)["input_ids"])
-    words = sum(len(t.split()) for t in texts)
+    words = sum(count_words(t) for t in texts)
     n = np.asarray(full, dtype=np.int64)
     return {
         "n_texts": len(texts),

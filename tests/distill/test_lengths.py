@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from optical_kernels.distill.lengths import token_length_stats
+from optical_kernels.distill.lengths import count_words, token_length_stats
 
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
@@ -50,3 +50,9 @@ def test_empty_and_bad_arguments(wordpiece):
         token_length_stats(wordpiece, ["x"], max_lengths=(0,))
     with pytest.raises(ValueError, match="batch_size"):
         token_length_stats(wordpiece, ["x"], batch_size=0)
+
+
+def test_count_words_splits_the_ethiopic_wordspace():
+    assert count_words("the lord  is\tgood") == 4
+    assert count_words("እያንዳንዱ፡ሰው፡የዘር፡") == 3  # Amharic: U+1361 between words
+    assert count_words("") == 0
