@@ -7,6 +7,9 @@ One row per (cell, arm, eval set, language group)::
      "p@1": 0.41, "p@1_ci": [0.39, 0.43], "mrr@10": 0.50, "r@10": 0.66,
      "p@1_seeds": [0.40, 0.41, 0.42]}
 
+and, next to the rows, ``"differences"``: paired-bootstrap intervals of ``arm - baseline``
+(:func:`make_difference`), the only form in which the README states a comparison.
+
 ``kind`` is ``"floor"`` (no training: chance, the char n-gram TF-IDF match, an untrained or
 off-the-shelf model) or ``"trained"``. ``p@1_ci`` is the bootstrap interval over queries of
 the seed-averaged P@1 (:func:`optical_kernels.distill.stats.bootstrap_ci`), ``null`` for an
@@ -25,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .bitext import atomic_write_text
-from .stats import DEFAULT_RESAMPLES, bootstrap_ci
+from .stats import DEFAULT_RESAMPLES, bootstrap_ci, paired_difference_ci
 
 SCHEMA_VERSION = 1
 KINDS = ("floor", "trained")
@@ -98,6 +101,53 @@ def make_row(
     return row
 
 
+def make_difference(
+    *,
+    cell: str,
+    arm: str,
+    baseline: str,
+    eval_set: str,
+    group: str,
+    per_query: Mapping[str, Any],
+    baseline_per_query: Mapping[str, Any],
+    metric: str = "p@1",
+    n_resamples: int = DEFAULT_RESAMPLES,
+    ci_seed: int = 0,
+) -> dict[str, Any]:
+    """A paired-bootstrap difference ``arm - baseline`` of one metric on the same queries.
+
+    ``per_query`` / ``baseline_per_query`` as in :func:`make_row` (each [n_queries] or
+    [n_seeds, n_queries]; seeds averaged per query). Returns ``{"cell", "arm", "baseline",
+    "eval_set", "group", "metric", "n_queries", "diff", "ci": [lo, hi], "resolved"}`` where
+    ``resolved`` says whether the interval excludes 0: a difference the README may state.
+    """
+    if metric not in METRIC_FIELDS:
+        raise ValueError(f"metric must be one of {METRIC_FIELDS}, got {metric!r}")
+    for name, pq in (("per_query", per_query), ("baseline_per_query", baseline_per_query)):
+        if metric not in pq:
+            raise ValueError(f"{name} lacks {metric!r}")
+    d = paired_difference_ci(per_query[metric], baseline_per_query[metric],
+                             n_resamples=n_resamples, seed=ci_seed)
+    return {"cell": cell, "arm": arm, "baseline": baseline, "eval_set": eval_set,
+            "group": group, "metric": metric, "n_queries": d.n_queries, "diff": d.estimate,
+            "ci": d.as_list(), "resolved": d.excludes_zero()}
+
+
+def render_differences(diffs: Iterable[Mapping[str, Any]]) -> str:
+    """Markdown table of :func:`make_difference` entries (percentage points)."""
+    head = ("cell", "arm − baseline", "eval set", "group", "metric", "queries",
+            "Δ [95% CI] (pp)", "resolved")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 5 + ["--:"] * 3) + "|"]
+    for d in diffs:
+        lo, hi = d["ci"]
+        cells = (d["cell"], f"{d['arm']} − {d['baseline']}", d["eval_set"], d["group"],
+                 d["metric"], str(d["n_queries"]),
+                 f"{100 * d['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]",
+                 "yes" if d["resolved"] else "no")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def validate_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Check every row has the schema's fields with sane values and keys are unique."""
     out, seen = [], set()
@@ -127,10 +177,15 @@ def validate_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def write_results(
     path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]],
     *, meta: Mapping[str, Any] | None = None,
+    differences: Iterable[Mapping[str, Any]] = (),
 ) -> int:
-    """Write ``{"schema_version", "meta", "rows"}`` as JSON (atomic); returns the row count."""
+    """Write ``{"schema_version", "meta", "rows", "differences"}`` as JSON (atomic).
+
+    Returns the row count.
+    """
     checked = validate_rows(rows)
-    doc = {"schema_version": SCHEMA_VERSION, "meta": dict(meta or {}), "rows": checked}
+    doc = {"schema_version": SCHEMA_VERSION, "meta": dict(meta or {}), "rows": checked,
+           "differences": [dict(d) for d in differences]}
     atomic_write_text(path, json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
     return len(checked)
 

@@ -94,3 +94,31 @@ def test_validate_rejects_bad_rows():
         results.validate_rows([{**good, "p@1_ci": [0.9, 1.0]}])
     with pytest.raises(ValueError, match="mrr@10"):
         results.validate_rows([{**good, "mrr@10": 1.5}])
+
+
+def test_differences_are_paired_and_stored(tmp_path):
+    rng = np.random.default_rng(3)
+    base = (rng.random((3, 300)) < 0.3).astype(float)  # 3 seeds
+    better = np.maximum(base, (rng.random((3, 300)) < 0.2))  # solves a superset
+    pq = {"p@1": better, "mrr@10": better, "r@10": better}
+    bq = {"p@1": base, "mrr@10": base, "r@10": base}
+    d = results.make_difference(cell="A", arm="ot", baseline="kd-cos", eval_set="bible-test",
+                                group="all", per_query=pq, baseline_per_query=bq,
+                                n_resamples=500)
+    assert d["diff"] == pytest.approx(better.mean() - base.mean())
+    assert d["resolved"] and 0 < d["ci"][0] < d["diff"] < d["ci"][1]
+    same = results.make_difference(cell="A", arm="kd-cos", baseline="kd-cos",
+                                   eval_set="bible-test", group="all", per_query=bq,
+                                   baseline_per_query=bq, n_resamples=500)
+    assert same["diff"] == 0 and same["ci"] == [0.0, 0.0] and not same["resolved"]
+    with pytest.raises(ValueError, match="metric"):
+        results.make_difference(cell="A", arm="a", baseline="b", eval_set="s", group="all",
+                                per_query=pq, baseline_per_query=bq, metric="ndcg")
+    table = results.render_differences([d, same])
+    assert "| A | ot − kd-cos | bible-test | all | p@1 | 300 |" in table
+    assert table.strip().split("\n")[2].endswith("| yes |")
+    row = results.make_row(cell="A", arm="ot", kind="trained", eval_set="bible-test",
+                           group="all", per_query=pq, seeds=[0, 1, 2], n_resamples=200)
+    path = tmp_path / "e.json"
+    results.write_results(path, [row], differences=[d])
+    assert json.loads(path.read_text())["differences"] == [d]
