@@ -89,3 +89,30 @@ def test_floors_command_on_a_small_cache(tmp_path, capsys):
     assert ("char-3-5gram-tfidf", "udhr", "bantu") in rows
     assert ("char-3-5gram-tfidf", "bible-test/pool1000", "near-dup") not in rows  # none in Ruth
     assert "| - | chance | floor | bible-test/all | all | 85 |" in capsys.readouterr().out
+
+
+def test_hf_mean_pool_encoder_and_memo(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "q", ":", "moni", "hello", "peace", "be"]
+    tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=8, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=16,
+                                  max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).eval().save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    texts = ["peace be peace be", "moni", "hello moni"]
+    enc = experiment_floors.hf_mean_pool_encoder(tmp_path / "m", prefix="q: ", batch_size=2)
+    got = enc(texts)
+    model = transformers.BertModel.from_pretrained(tmp_path / "m").eval()
+    for i, t in enumerate(texts):  # one at a time, no padding: the plain mean of the states
+        ids = tok("q: " + t, return_tensors="pt")
+        with torch.no_grad():
+            h = model(**ids).last_hidden_state[0]
+        np.testing.assert_allclose(got[i], h.mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    calls = []
+    memo = experiment_floors._memo(lambda b: calls.append(list(b)) or enc(b))
+    np.testing.assert_allclose(memo(["moni", "hello moni", "moni"])[2], got[1], atol=1e-6)
+    memo(["moni", "peace be peace be"])
+    assert calls == [["moni", "hello moni"], ["peace be peace be"]]
