@@ -162,7 +162,8 @@ def validate_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             if not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise ValueError(f"row {i}: {m} must be a number in [0, 1], got {v!r}")
         ci = r["p@1_ci"]
-        if ci is not None and (len(ci) != 2 or not ci[0] <= r["p@1"] <= ci[1]):
+        # (a percentile interval holds the mean up to rounding; 1e-9 of slack for it)
+        if ci is not None and (len(ci) != 2 or not ci[0] - 1e-9 <= r["p@1"] <= ci[1] + 1e-9):
             raise ValueError(f"row {i}: p@1_ci must be [lo, hi] around p@1, got {ci!r}")
         if not isinstance(r["n_queries"], int) or r["n_queries"] < 1:
             raise ValueError(f"row {i}: n_queries must be a positive int")
