@@ -44,8 +44,8 @@ class OTDistillTrainer(Trainer):
         with torch.no_grad():
             y = self.teacher(input_ids=inputs["teacher_input_ids"],
                              attention_mask=inputs["teacher_attention_mask"]).last_hidden_state
-        loss = ok.sinkhorn_loss(x.float(), y.float(), inputs["token_mask"],
-                                inputs["teacher_token_mask"], **self.ot_kwargs)
+        loss = ok.sinkhorn_loss(x.float(), y.float(), x_mask=inputs["token_mask"],
+                                y_mask=inputs["teacher_token_mask"], **self.ot_kwargs)
         return (loss, {"student_tokens": x}) if return_outputs else loss
 
 

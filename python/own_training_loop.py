@@ -41,8 +41,8 @@ def main() -> None:
         loss = ok.sinkhorn_loss(
             x.last_hidden_state,  # [B, n, d]  student tokens (foreign)
             y.last_hidden_state,  # [B, m, d]  teacher tokens (English)
-            s["token_mask"],  # [B, n] True = content token
-            t["token_mask"],  # [B, m]
+            x_mask=s["token_mask"],  # [B, n] True = content token
+            y_mask=t["token_mask"],  # [B, m]
             cost="cosine", eps=0.05, objective="linear", grad="auto",  # the OPTICAL loss
         )
         loss.backward()

@@ -18,6 +18,9 @@ What this module adds, because the engine lacks it:
   full) and is deleted at the next start, as are ``tmp-checkpoint-*`` and export temporaries;
 * **export** — the student is written to ``<out>/model`` (a sentence-transformers folder that
   also loads with ``AutoModel``) atomically (temporary folder + rename);
+* **resume guard** — ``options.json`` records the run's options; resuming with options that
+  change the trajectory (learning rate, loss, OT options, ...) is refused (the engine would
+  silently mix two runs);
 * ``history.json`` — the engine's log history (loss per step, dev metrics) in one file.
 """
 
@@ -37,6 +40,9 @@ MANIFEST = "sha256-manifest.json"
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
 HISTORY_NAME = "history.json"
+OPTIONS_NAME = "options.json"
+# Options that do not change the trajectory: they may differ on resume.
+_FREE_ON_RESUME = frozenset({"eval_every", "eval_pool", "ckpt_every", "save_limit", "progress"})
 LOSSES = ("ot", "kd", "kd-cosine", "kd-contrastive", "ot+kd")
 # Files without which an engine checkpoint cannot resume exactly.
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
@@ -328,6 +334,20 @@ class DistillResult:
     trainer: Any
 
 
+def _check_options(path: Path, options: dict, ckpt: str | None) -> None:
+    """Refuse to resume ``ckpt`` with options that change the trajectory."""
+    if ckpt is None or not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    mine = json.loads(json.dumps(options, default=list))
+    diff = sorted(k for k in mine if k not in _FREE_ON_RESUME and saved.get(k) != mine[k])
+    if diff:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in diff)
+        raise CheckpointError(
+            f"cannot resume from {ckpt}: options differ from the run that wrote it ({details}); "
+            "use the same options, or a new --out directory (or --resume none) to start afresh")
+
+
 def history_records(log_history: list[dict]) -> list[dict]:
     """One record per optimizer step, ``{"step", "loss", "lr", "dev": {...}}``, from the
     engine's ``state.log_history``."""
@@ -401,6 +421,12 @@ def distill(
         if not any(Path(ckpt).glob("rng_state*.pth")):
             raise CheckpointError(f"{ckpt} lacks rng_state.pth: the checkpoint is incomplete; "
                                   "resume from another checkpoint or restart without --resume")
+
+    options = {**cfg.to_dict(), "ot": asdict(ot) if ot is not None else None,
+               "world_size": world}
+    _check_options(out / OPTIONS_NAME, options, ckpt)
+    if rank == 0:
+        (out / OPTIONS_NAME).write_text(json.dumps(options, indent=1, default=list))
 
     if cfg.freeze_embeddings:
         student[0].auto_model.get_input_embeddings().requires_grad_(False)

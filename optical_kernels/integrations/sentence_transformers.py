@@ -186,11 +186,14 @@ class OPTICALLoss(_TeacherLoss):
         t = self.teacher_output(english)
         s = self.model(foreign)
         x_mask = content_mask(foreign, self.tokenizer)
-        # float32 on both sides: the student may run under bf16 autocast, the teacher not.
-        loss = optical_kernels.sinkhorn_loss(
-            s["token_embeddings"].float(), t["token_embeddings"].float(),
-            x_mask=x_mask, y_mask=t["content_mask"], reduction="mean", **self.ot_kwargs,
-        )
+        x = s["token_embeddings"]
+        # The encoders may run under the trainer's bf16 autocast; the Sinkhorn solve runs in
+        # float32 on both sides, outside autocast (its GEMMs must not drop to bf16).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            loss = optical_kernels.sinkhorn_loss(
+                x.float(), t["token_embeddings"].float(), x_mask=x_mask,
+                y_mask=t["content_mask"], reduction="mean", **self.ot_kwargs,
+            )
         if self.kd_weight > 0:
             kd = F.mse_loss(s["sentence_embedding"].float(), t["sentence_embedding"].float())
             loss = loss + self.kd_weight * kd

@@ -177,3 +177,11 @@ def test_config_validation():
     assert OTOptions(eps_schedule=[1.0, 0.5]).eps_schedule == (1.0, 0.5)
     assert TrainOptions(steps=100, warmup=0.1).warmup_steps == 10
     assert TrainOptions(steps=100, warmup=7).warmup_steps == 7
+
+
+def test_resume_with_other_options_is_refused(toy_mod, tmp_path, pairs):
+    _run(toy_mod, tmp_path, _cfg(steps=1), pairs)
+    with pytest.raises(CheckpointError, match=r"lr: 0.001 -> 0.0005.*new --out"):
+        _run(toy_mod, tmp_path, _cfg(steps=1, lr=5e-4), pairs, resume="auto")
+    # options that do not change the trajectory may differ
+    _run(toy_mod, tmp_path, _cfg(steps=1, eval_pool=7), pairs, resume="auto")
