@@ -177,7 +177,8 @@ def draw_loss_curves(
     k = max(1, len(runs))
     fig, axes = plt.subplots(1, k, figsize=(4.6 * k, 3.4), squeeze=False)
     for ax, (name, hist) in zip(axes[0], runs.items(), strict=False):
-        ax.plot([r["step"] for r in hist], [r["loss"] for r in hist], lw=1.0, color="C0")
+        steps = [r for r in hist if "loss" in r]
+        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1.0, color="C0")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss", color="C0")

@@ -135,10 +135,10 @@ def run(args: argparse.Namespace) -> dict:
         student = new_student()
         res = distill(student, teacher, train, cfg, ot, out_dir=args.out / f"run-{loss}",
                       dev_pairs=dev, resume=None, use_cpu=not cuda)
-        h = res.history
+        h = [r for r in res.history if "loss" in r]
         _log(f"train {loss}: {time.perf_counter() - t0:.0f} s, loss {h[0]['loss']:.4f} -> "
              f"{h[-1]['loss']:.4f}; model {res.model_dir}")
-        students[loss], histories[NAMES[loss]] = student.eval(), h
+        students[loss], histories[NAMES[loss]] = student.eval(), res.history
 
     systems = {}
     untrained = new_student().eval()

@@ -200,7 +200,8 @@ def clean_orphans(out_dir: str | os.PathLike[str]) -> list[Path]:
     gone: list[Path] = []
     root = out / CHECKPOINTS
     for p in [*root.glob("checkpoint-*"), *root.glob("tmp-checkpoint-*"),
-              *out.glob(f".{MODEL_DIR}.*.tmp"), *out.glob(f"{MODEL_DIR}/.{MANIFEST}.*.tmp")]:
+              *out.glob(f".{MODEL_DIR}.*.tmp"), *out.glob(f"{MODEL_DIR}/.{MANIFEST}.*.tmp"),
+              *out.glob(f".{OPTIONS_NAME}.*.tmp"), *out.glob(f".{HISTORY_NAME}.tmp")]:
         if p.is_dir() and p.name.startswith("checkpoint-") and (p / MANIFEST).is_file():
             for t in p.glob(f".{MANIFEST}.*.tmp"):
                 t.unlink()
@@ -316,6 +317,7 @@ def training_arguments(cfg: TrainOptions, out_dir: str | os.PathLike[str], *,
         save_total_limit=cfg.save_limit,
         eval_strategy="steps" if cfg.eval_every else "no",
         eval_steps=cfg.eval_every or None,
+        eval_on_start=bool(cfg.eval_every),  # the untrained student's dev retrieval (step 0)
         disable_tqdm=not cfg.progress,
         report_to="none",
         dataloader_drop_last=False,
@@ -350,7 +352,8 @@ def _check_options(path: Path, options: dict, ckpt: str | None) -> None:
 
 def history_records(log_history: list[dict]) -> list[dict]:
     """One record per optimizer step, ``{"step", "loss", "lr", "dev": {...}}``, from the
-    engine's ``state.log_history``."""
+    engine's ``state.log_history`` (plus ``{"step": 0, "dev": ...}``, the dev retrieval before
+    training, when the run evaluates)."""
     by_step: dict[int, dict] = {}
     for rec in log_history:
         step = int(rec.get("step", 0))
@@ -360,7 +363,7 @@ def history_records(log_history: list[dict]) -> list[dict]:
         dev = {k[len("eval_dev_"):]: v for k, v in rec.items() if k.startswith("eval_dev_")}
         if dev:
             by_step.setdefault(step, {"step": step})["dev"] = dev
-    return [by_step[s] for s in sorted(by_step) if "loss" in by_step[s]]
+    return [by_step[s] for s in sorted(by_step) if "loss" in by_step[s] or s == 0]
 
 
 def distill(
@@ -425,8 +428,10 @@ def distill(
     options = {**cfg.to_dict(), "ot": asdict(ot) if ot is not None else None,
                "world_size": world}
     _check_options(out / OPTIONS_NAME, options, ckpt)
-    if rank == 0:
-        (out / OPTIONS_NAME).write_text(json.dumps(options, indent=1, default=list))
+    if rank == 0:  # atomically: other ranks may be reading it
+        tmp = out / f".{OPTIONS_NAME}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(options, indent=1, default=list))
+        os.replace(tmp, out / OPTIONS_NAME)
 
     if cfg.freeze_embeddings:
         student[0].auto_model.get_input_embeddings().requires_grad_(False)

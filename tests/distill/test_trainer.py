@@ -159,7 +159,8 @@ def test_dev_evaluation_is_recorded(toy_mod, tmp_path, pairs):
     res, _ = _run(toy_mod, tmp_path, _cfg(steps=3, eval_every=2, eval_pool=10), pairs,
                   dev_pairs=toy_mod.toy_pairs(10, seed=5))
     dev_steps = [r["step"] for r in res.history if "dev" in r]
-    assert dev_steps == [2, 3]  # every 2 steps and at the end
+    assert dev_steps == [0, 2, 3]  # before training, every 2 steps and at the end
+    assert "loss" not in res.history[0] and len(res.history) == 4
     assert set(res.history[-1]["dev"]) >= {"p@1", "mrr@10", "r@10"}
 
 
