@@ -135,15 +135,23 @@ HELP = {
 
 
 # ---------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    """The parser: one subcommand per :data:`COMMAND_OPTIONS` entry, plus ``bench``."""
-    from transformers import HfArgumentParser
+def build_parser(full: bool = True) -> argparse.ArgumentParser:
+    """The parser: one subcommand per :data:`COMMAND_OPTIONS` entry, plus ``bench``.
 
-    class Parser(HfArgumentParser):
-        """One-line argument errors (argparse would print the whole usage first)."""
+    ``full=False`` leaves the subcommands without their options (and transformers
+    unimported): enough for ``optical-kernels --help`` and ``bench``.
+    """
+    parser_class: type = argparse.ArgumentParser
+    if full:
+        from transformers import HfArgumentParser
 
-        def error(self, message: str):
-            self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        class Parser(HfArgumentParser):
+            """One-line argument errors (argparse would print the whole usage first)."""
+
+            def error(self, message: str):
+                self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+        parser_class = Parser
 
     ap = argparse.ArgumentParser(
         prog=PROG,
@@ -151,10 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "English teacher into a student for a low-resource language, evaluate "
                     "cross-lingual retrieval, draw token alignments, run the benchmarks.",
     )
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=parser_class)
     for name, types in COMMAND_OPTIONS.items():
-        sub.add_parser(name, dataclass_types=list(types), help=HELP[name],
-                       description=HELP[name] + ".")
+        kw = {"dataclass_types": list(types)} if full else {}
+        sub.add_parser(name, help=HELP[name], description=HELP[name] + ".", **kw)
     p = sub.add_parser("bench", help="run the benchmark suite (pytest bench/)",
                        description="Runs `python -m pytest bench/ ARGS` from the repository "
                                    "root; extra arguments go to pytest.")
@@ -376,7 +384,8 @@ COMMANDS = {"data": cmd_data, "distill": cmd_distill, "eval": cmd_eval, "align":
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``optical-kernels`` console script; returns the exit status."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(full=bool(argv) and argv[0] in COMMAND_OPTIONS)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -200,3 +200,12 @@ def test_demo_arguments():
     assert demo.parse_args(["--steps", "7"]).steps == 7
     with pytest.raises(SystemExit):
         demo.parse_args(["--steps", "auto"])
+
+
+def test_top_level_help_does_not_import_transformers():
+    code = ("import sys; from optical_kernels.distill import cli\n"
+            "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.stdout.strip().endswith("False"), out.stderr
