@@ -105,7 +105,7 @@ def test_teacher_with_another_tokenizer_gets_the_raw_text(models, pairs, tmp_pat
     assert torch.isfinite(loss(feats, None))
 
 
-def test_argument_errors(models, pairs):
+def test_argument_errors(models, pairs, toy_mod, tmp_path):
     student, teacher = models
     with pytest.raises(TypeError, match="teacher must be a SentenceTransformer"):
         OPTICALLoss(student, teacher[0])
@@ -113,6 +113,9 @@ def test_argument_errors(models, pairs):
         OPTICALLoss(student, teacher, kd_weight=-1)
     with pytest.raises(ValueError, match="kind must be one of"):
         TeacherKDLoss(student, teacher, "l1")
+    narrow = toy_mod.toy_st(tmp_path / "narrow", seed=2, hidden=16)
+    with pytest.raises(ValueError, match="16 features but the teacher's have 32"):
+        OPTICALLoss(narrow, teacher)
     feats = _batch(models, pairs[:2])
     with pytest.raises(ValueError, match="expects 2 text columns"):
         OPTICALLoss(student, teacher)([*feats, feats[0]], None)

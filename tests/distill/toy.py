@@ -48,7 +48,8 @@ def toy_pairs(n: int = 48, seed: int = 0) -> list[tuple[str, str]]:
     return out
 
 
-def toy_st(folder, seed: int = 0, dropout: float = 0.0, max_length: int = 16, tokenizer=None):
+def toy_st(folder, seed: int = 0, dropout: float = 0.0, max_length: int = 16, tokenizer=None,
+           hidden: int = 32):
     """A tiny random BERT as a ``SentenceTransformer`` (Transformer + mean pooling), saved in
     ``folder`` (sentence-transformers builds its Transformer module from a folder)."""
     from pathlib import Path
@@ -58,7 +59,7 @@ def toy_st(folder, seed: int = 0, dropout: float = 0.0, max_length: int = 16, to
     from sentence_transformers.sentence_transformer.modules import Pooling
 
     folder = Path(folder)
-    tiny_bert(seed, dropout).save_pretrained(folder)
+    tiny_bert(seed, dropout, hidden=hidden).save_pretrained(folder)
     (tokenizer or toy_tokenizer()).save_pretrained(folder)
     body = Transformer(str(folder), max_seq_length=max_length)
     torch.manual_seed(seed)
