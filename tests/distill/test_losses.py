@@ -1,115 +1,138 @@
-"""Distillation losses: shapes, masking, the KD baseline, the ot+kd combination."""
+"""The sentence-transformers losses: OPTICALLoss (OT, OT+KD) and TeacherKDLoss (MSE, cosine,
+in-batch contrastive) against their definitions, masks, other tokenizers, errors."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import optical_kernels as ok
-from optical_kernels.distill.evaluate import Encoder
-from optical_kernels.distill.losses import DistillLoss, OTOptions, kd_loss, ot_loss
-from optical_kernels.distill.models import mean_pool
+from optical_kernels.integrations.sentence_transformers import (
+    OPTICALLoss,
+    TeacherKDLoss,
+    content_mask,
+)
+
+OT = {"max_iter": 50, "tol": 1e-4}
 
 
-def _batch(B=3, n=6, m=5, d=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, n, d, generator=g, requires_grad=True)
-    y = torch.randn(B, m, d, generator=g)
-    xm = torch.ones(B, n, dtype=torch.bool)
-    ym = torch.ones(B, m, dtype=torch.bool)
-    xm[0, 4:] = False
-    ym[1, 2:] = False
-    return x, y, xm, ym
+def _features(model, texts, prompt=None):
+    return dict(model.preprocess(texts, prompt=prompt) if prompt else model.preprocess(texts))
 
 
-def test_encoder_token_mask_drops_padding_special_and_prefix_tokens(toy_mod):
-    tok = toy_mod.toy_tokenizer()
-    enc = Encoder(toy_mod.tiny_bert(), tok, prefix="the ", max_length=16)
-    batch = enc.tokenize(["in the beginning", "god"])
-    assert batch["token_mask"].tolist() == [
-        [False, False, True, True, True, False],  # [CLS] the | in the beginning | [SEP]
-        [False, False, True, False, False, False],  # [CLS] the | god | [SEP] [PAD] [PAD]
-    ]
-    h = enc(batch["input_ids"], batch["attention_mask"])
-    assert h.shape == (2, 6, 32)
+def _batch(models, pairs):
+    student, teacher = models
+    return [_features(student, [p[0] for p in pairs]), _features(student, [p[1] for p in pairs])]
 
 
-def test_mean_pool_ignores_padding():
-    h = torch.arange(12.0).reshape(1, 4, 3)
-    att = torch.tensor([[1, 1, 0, 0]])
-    assert torch.allclose(mean_pool(h, att), h[0, :2].mean(0, keepdim=True))
-    assert mean_pool(h, torch.zeros(1, 4)).abs().sum() == 0  # no token: zero, not NaN
+def test_content_mask_drops_special_padding_and_prompt_tokens(models):
+    student, _ = models
+    feats = _features(student, ["dog eht", "dog eht ni gninnigeb"])
+    mask = content_mask(feats, student.tokenizer)
+    assert mask.tolist() == [[False, True, True, False, False, False],
+                             [False, True, True, True, True, False]]
+    feats = _features(student, ["dog eht"], prompt="ni ")
+    assert feats["prompt_length"] == 2  # [CLS] ni
+    assert content_mask(feats, student.tokenizer).tolist() == [[False, False, True, True, False]]
 
 
-def test_ot_loss_matches_sinkhorn_loss_and_options_pass_through():
-    x, y, xm, ym = _batch()
-    opts = OTOptions(eps=0.1, max_iter=50, tol=0.0, cost="sqeuclidean")
-    got = ot_loss(x, y, xm, ym, opts)
-    want = ok.sinkhorn_loss(x, y, x_mask=xm, y_mask=ym, eps=0.1, max_iter=50, tol=0.0,
-                            cost="sqeuclidean")
-    assert got.shape == ()
+def test_optical_loss_is_sinkhorn_loss_between_content_tokens(models, pairs):
+    student, teacher = models
+    feats = _batch(models, pairs[:6])
+    loss = OPTICALLoss(student, teacher, eps=0.1, cost="sqeuclidean", **OT)
+    got = loss(feats, None)
+    x = student(dict(feats[0]))["token_embeddings"]
+    with torch.no_grad():
+        y = teacher(dict(feats[1]))["token_embeddings"]
+    want = ok.sinkhorn_loss(x, y, x_mask=content_mask(feats[0], student.tokenizer),
+                            y_mask=content_mask(feats[1], teacher.tokenizer), eps=0.1,
+                            cost="sqeuclidean", **OT)
     torch.testing.assert_close(got, want)
-    assert got.item() != pytest.approx(ot_loss(x, y, xm, ym).item())  # options matter
+    got.backward()
+    assert all(p.grad is None for p in teacher.parameters())  # frozen teacher
+    assert any(p.grad is not None for p in student.parameters())
+    cfg = loss.get_config_dict()
+    assert {"cost", "eps", "objective", "grad", "rho", "max_iter", "tol", "check_every",
+            "eps_schedule", "backend", "kd_weight"} <= set(cfg)
 
 
-def test_ot_loss_masked_tokens_get_no_gradient_and_do_not_change_the_value():
-    x, y, xm, ym = _batch()
-    loss = ot_loss(x, y, xm, ym)
-    loss.backward()
-    assert x.grad[0, 4:].abs().sum() == 0
-    assert x.grad[0, :4].abs().sum() > 0
-    # changing masked tokens changes nothing
-    x2 = x.detach().clone()
-    x2[0, 4:] = 100.0
-    y2 = y.clone()
-    y2[1, 2:] = -7.0
-    torch.testing.assert_close(ot_loss(x2, y2, xm, ym), loss.detach())
-    # teacher side is never differentiated
-    y3 = y.clone().requires_grad_(True)
-    ot_loss(x.detach().requires_grad_(True), y3, xm, ym).backward()
-    assert y3.grad is None
+def test_ot_plus_kd_adds_the_weighted_mse(models, pairs):
+    student, teacher = models
+    feats = _batch(models, pairs[:4])
+    ot = OPTICALLoss(student, teacher, **OT)(feats, None)
+    both = OPTICALLoss(student, teacher, kd_weight=0.5, **OT)(feats, None)
+    s = student(dict(feats[0]))["sentence_embedding"]
+    t = teacher(dict(feats[1]))["sentence_embedding"]
+    torch.testing.assert_close(both, ot + 0.5 * F.mse_loss(s, t))
 
 
-def test_kd_loss_is_mse_of_mean_pooled_embeddings():
-    x, y, xm, ym = _batch(m=6)
-    att = torch.ones(3, 6)
-    got = kd_loss(mean_pool(x, att), mean_pool(y, att))
-    want = ((x.mean(1) - y.mean(1)) ** 2).mean()
-    torch.testing.assert_close(got, want)
+def test_teacher_kd_losses_match_their_definitions(models, pairs):
+    student, teacher = models
+    feats = _batch(models, pairs[:5])
+    s = student(dict(feats[0]))["sentence_embedding"]
+    t = teacher(dict(feats[1]))["sentence_embedding"]
+    torch.testing.assert_close(TeacherKDLoss(student, teacher, "mse")(feats, None),
+                               F.mse_loss(s, t))
+    torch.testing.assert_close(TeacherKDLoss(student, teacher, "cosine")(feats, None),
+                               (1 - F.cosine_similarity(s, t)).mean())
+    logits = 20.0 * F.normalize(s, dim=-1) @ F.normalize(t, dim=-1).T
+    torch.testing.assert_close(TeacherKDLoss(student, teacher, "contrastive")(feats, None),
+                               F.cross_entropy(logits, torch.arange(5)))
 
 
-@pytest.mark.parametrize("loss", ["ot", "kd", "ot+kd"])
-def test_distill_loss_combines_terms(loss):
-    x, y, xm, ym = _batch(m=6)
-    att_x, att_y = xm.long(), ym.long()
-    fn = DistillLoss(loss, OTOptions(tol=0.0), kd_weight=0.5)
-    total, parts = fn(x, att_x, xm, y, att_y, ym)
-    assert total.shape == () and total.requires_grad
-    assert set(parts) == {"ot", "kd"} & set(loss.split("+"))
-    want = {"ot": parts.get("ot", 0), "kd": parts.get("kd", 0)}
-    expected = want["ot"] + (0.5 if loss == "ot+kd" else 1.0) * want["kd"]
-    torch.testing.assert_close(total.detach(), torch.as_tensor(expected, dtype=torch.float32))
+def test_teacher_with_another_tokenizer_gets_the_raw_text(models, pairs, tmp_path, toy_mod):
+    """A teacher whose vocabulary differs: the English column is decoded and re-tokenized."""
+    from transformers import BertTokenizer
+
+    student, teacher = models
+    vocab = list(toy_mod.toy_tokenizer().get_vocab())
+    shuffled = vocab[:5] + vocab[5:][::-1]  # same words, other ids
+    other = toy_mod.toy_st(tmp_path / "other", seed=3,
+                           tokenizer=BertTokenizer(vocab={w: i for i, w in enumerate(shuffled)}))
+    english = [p[1] for p in pairs[:4]]
+    loss = OPTICALLoss(student, other.requires_grad_(False), **OT)
+    assert not loss._reuse_ids
+    feats = _batch(models, pairs[:4])
+    got = loss.teacher_features(feats[1])
+    want = other.preprocess(english)
+    assert torch.equal(got["input_ids"], want["input_ids"])
+    assert not torch.equal(got["input_ids"], feats[1]["input_ids"])
+    assert OPTICALLoss(student, teacher, **OT)._reuse_ids  # same vocabulary: ids reused
+    assert torch.isfinite(loss(feats, None))
 
 
-def test_distill_loss_argument_errors():
-    with pytest.raises(ValueError, match="loss must be one of"):
-        DistillLoss("mse")
-    with pytest.raises(ValueError, match="kd_weight"):
-        DistillLoss("ot+kd", kd_weight=-1)
-    x, y, xm, ym = _batch()
-    with pytest.raises(ValueError, match="projection"):
-        DistillLoss("ot")(x, xm, xm, y[..., :4], ym, ym)
+def test_argument_errors(models, pairs, toy_mod, tmp_path):
+    student, teacher = models
+    with pytest.raises(TypeError, match="teacher must be a SentenceTransformer"):
+        OPTICALLoss(student, teacher[0])
+    with pytest.raises(ValueError, match="kd_weight must be a number >= 0"):
+        OPTICALLoss(student, teacher, kd_weight=-1)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        TeacherKDLoss(student, teacher, "l1")
+    narrow = toy_mod.toy_st(tmp_path / "narrow", seed=2, hidden=16)
+    with pytest.raises(ValueError, match="16 features but the teacher's have 32"):
+        OPTICALLoss(narrow, teacher)
+    feats = _batch(models, pairs[:2])
+    with pytest.raises(ValueError, match="expects 2 text columns"):
+        OPTICALLoss(student, teacher)([*feats, feats[0]], None)
 
 
-def test_bf16_embeddings_are_accepted():
-    x, y, xm, ym = _batch()
-    loss = ot_loss(x.bfloat16(), y.bfloat16(), xm, ym)
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+def test_empty_sentence_contributes_zero_not_nan(models):
+    student, teacher = models
+    feats = [_features(student, ["dog eht", "ni"]), _features(student, ["god the", "in"])]
+    feats[0]["input_ids"][1, 1] = 0  # a foreign sentence with only special tokens
+    feats[0]["attention_mask"][1, 1:] = 0
+    loss = OPTICALLoss(student, teacher, **OT)(feats, None)
+    assert torch.isfinite(loss)
 
 
-def test_empty_sentence_contributes_zero_not_nan():
-    x, y, xm, ym = _batch()
-    xm[2] = False
-    loss = ot_loss(x, y, xm, ym)
-    loss.backward()
-    assert torch.isfinite(loss) and x.grad[2].abs().sum() == 0
+def test_import_optical_kernels_does_not_import_sentence_transformers():
+    code = ("import sys, optical_kernels, optical_kernels.integrations as i; "
+            "print('sentence_transformers' in sys.modules, 'OPTICALLoss' in i.__all__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["False", "True"]

@@ -166,3 +166,23 @@ def test_e5_conversion_cached_once(e5_student, monkeypatch):
     monkeypatch.setattr(nc, "build_e5_model", boom)
     assert nc.ensure_e5_small(cache) == out
     assert marker.stat().st_mtime_ns == mtime
+
+
+@needs_teacher
+def test_sentence_transformer_teacher_and_student_match_the_transformers_path(teacher):
+    import torch
+
+    from optical_kernels.distill.models import encode_sentences, student_model, teacher_model
+
+    st_teacher = teacher_model(max_length=128)
+    assert not st_teacher.training and not any(p.requires_grad for p in st_teacher.parameters())
+    want = encode_sentences(*teacher, SENTENCES, max_length=128)
+    got = st_teacher.encode(SENTENCES, convert_to_tensor=True, normalize_embeddings=True)
+    torch.testing.assert_close(got.float().cpu(), want, atol=1e-5, rtol=1e-4)
+    student = student_model("teacher-copy", max_length=128)
+    assert student.training and student.max_seq_length == 128
+    pooler = [p for n, p in student.named_parameters() if "pooler" in n]
+    assert pooler and not any(p.requires_grad for p in pooler)  # unused by mean pooling
+    assert all(p.requires_grad for n, p in student.named_parameters() if "pooler" not in n)
+    first = next(student.parameters())
+    assert first.data_ptr() != next(st_teacher.parameters()).data_ptr()  # independent copy

@@ -48,17 +48,33 @@ def toy_pairs(n: int = 48, seed: int = 0) -> list[tuple[str, str]]:
     return out
 
 
-def toy_encoders(student_seed: int = 1, dropout: float = 0.0, student_hidden: int = 32):
-    """``(student, teacher)`` :class:`Encoder` pair on the toy tokenizer.
+def toy_st(folder, seed: int = 0, dropout: float = 0.0, max_length: int = 16, tokenizer=None,
+           hidden: int = 32):
+    """A tiny random BERT as a ``SentenceTransformer`` (Transformer + mean pooling), saved in
+    ``folder`` (sentence-transformers builds its Transformer module from a folder)."""
+    from pathlib import Path
 
-    A student narrower than the teacher (hidden 32) gets a projection to 32 features.
-    """
-    from optical_kernels.distill.evaluate import Encoder
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
 
-    tok = toy_tokenizer()
-    teacher = Encoder(tiny_bert(0), tok, max_length=16)
-    torch.manual_seed(student_seed)
-    student = Encoder(
-        tiny_bert(student_seed, dropout, hidden=student_hidden), tok, max_length=16, out_dim=32
-    )
+    folder = Path(folder)
+    tiny_bert(seed, dropout, hidden=hidden).save_pretrained(folder)
+    (tokenizer or toy_tokenizer()).save_pretrained(folder)
+    body = Transformer(str(folder), max_seq_length=max_length)
+    torch.manual_seed(seed)
+    return SentenceTransformer(modules=[body, Pooling(body.get_embedding_dimension(), "mean")],
+                               device="cpu")
+
+
+def toy_models(folder, student_seed: int = 1, dropout: float = 0.0):
+    """``(student, teacher)`` toy ``SentenceTransformer`` pair (the teacher frozen)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    teacher = toy_st(folder / "teacher", 0).eval().requires_grad_(False)
+    student = toy_st(folder / f"student-{student_seed}", student_seed, dropout)
+    for m in student.modules():  # the BERT pooler is unused by mean pooling (as models.py)
+        if isinstance(getattr(m, "pooler", None), torch.nn.Module):
+            m.pooler.requires_grad_(False)
     return student, teacher
