@@ -290,14 +290,12 @@ def _solve_points(
 ) -> tuple[SolverOut, torch.Tensor | None]:
     """One OT solve between point sets; returns the output and C when it was materialised.
 
-    Exact reformulations first (docs in :mod:`optical_kernels.numerics`): cosine points without
-    a direction become 0; a balanced ``dot`` problem is solved on centred, augmented points
-    (``C + |μ|²``) and the constant is added back to the values and ``f``.
+    A balanced ``dot`` problem is solved on centred, augmented points (``C + |μ|²``, an exact
+    reformulation, see :mod:`optical_kernels.numerics`) and the constant is added back to the
+    values and ``f``.
     """
     shift = None
-    if cost == "cosine":
-        x, y = _num.zero_directionless(x, x_valid), _num.zero_directionless(y, y_valid)
-    elif cost == "dot" and cfg.rho is None:
+    if cost == "dot" and cfg.rho is None:
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         x, y, shift = _num.dot_shift(x.to(work), y.to(work), x_valid, y_valid)
     out, C = _solve_points_raw(backend_name, x, y, x_valid, y_valid, a, b, cost, cfg)

@@ -31,19 +31,6 @@ import math
 import torch
 
 from .config import SolverConfig, SolverOut
-from .costs import NORM_FLOOR
-
-
-def zero_directionless(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Cosine: points with ‖x‖ < 1e-8 (and padded rows) replaced by a constant 0.
-
-    The fused kernels then see exactly what :func:`optical_kernels.costs.cost_matrix`
-    defines (x̂ = 0, C = 1 on that row), and the gradient of such a point is exactly 0 (the
-    kernels' value for a zero row never reaches it), finite in every dtype.
-    """
-    small = torch.linalg.vector_norm(x.detach(), dim=-1, keepdim=True) < NORM_FLOOR
-    keep = valid[..., None] & ~small  # NaN norms are kept (reported by the finite checks)
-    return torch.where(keep, x, 0.0)
 
 
 def dot_shift(

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import optical_kernels as ok
+from optical_kernels import reference as R
+from optical_kernels.config import SolverConfig
 from optical_kernels.costs import cost_matrix
 
 if not torch.cuda.is_available():
@@ -262,3 +264,73 @@ def test_unbatched_call_with_batched_mask_names_the_argument(arg):
     val = torch.ones(1, k, dtype=torch.bool) if "mask" in arg else torch.ones(1, k)
     with pytest.raises(ValueError, match=rf"{arg} must be \[{k}\] for unbatched inputs"):
         ok.solve_sample(x, y, **{arg: val})
+
+
+# ------------------------------------------------------------------ 4. cpu unbalanced implicit
+def _little_mass_problem(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqeuclidean, ε = 0.05, ρ = 0.1: the plan transports ~1e-22 of mass."""
+    g = _gen(1)
+    x, y = torch.randn(12, 16, generator=g), torch.randn(10, 16, generator=g)
+    return x.to(dtype), y.to(dtype)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_unbalanced_implicit_gradient_little_mass(backend, dtype):
+    kw = dict(cost="sqeuclidean", eps=0.05, rho=0.1, tol=0.0, max_iter=300, grad="implicit")
+    x, y = _little_mass_problem(F64)
+    x64 = x.clone().requires_grad_(True)
+    ok.solve_sample(x64, y, backend="torch", **kw).value.backward()
+    xr = x.to(dtype).requires_grad_(True)
+    ok.solve_sample(xr, y.to(dtype), backend=backend, **kw).value.backward()
+    rel = ((xr.grad.double() - x64.grad).norm() / x64.grad.norm()).item()
+    assert rel < 1e-4  # cpu fp32 direct Schur path: 0.68 before
+
+
+# ------------------------------------------------------------------ 7. unbalanced stopping rule
+@pytest.mark.parametrize("backend", _with_triton())
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_unbalanced_stopping_rule_is_relative_to_the_mass(backend, dtype):
+    kw = dict(cost="sqeuclidean", eps=0.05, rho=0.1)
+    x, y = _little_mass_problem(F64)
+    ref = ok.solve_sample(x, y, tol=0.0, max_iter=3000, backend="torch", **kw)
+    res = ok.solve_sample(x.to(dtype), y.to(dtype), tol=1e-4, max_iter=3000, backend=backend, **kw)
+    assert bool(res.converged) and 0 < res.err.item() < 1e-4
+    # the absolute rule stopped at the first check (n_iters 10), 1.7% away from the fixed point
+    assert abs(res.value.item() / ref.value.item() - 1) < 1e-4
+
+
+def test_relative_error_definition_reference():
+    """err = Σ|r − t| / max(Σr, Σt) for unbalanced problems; balanced unchanged."""
+    g = _gen(7)
+    C = torch.rand(2, 4, 5, generator=g, dtype=F64)
+    a, b = torch.rand(2, 4, generator=g, dtype=F64), torch.rand(2, 5, generator=g, dtype=F64)
+    f, g_ = torch.randn(2, 4, generator=g, dtype=F64), torch.randn(2, 5, generator=g, dtype=F64)
+    P = R.plan(C, a, b, f, g_, 0.1)
+    r, t = P.sum(2), a * torch.exp(-f / 0.5)
+    expect = (r - t).abs().sum(1) / torch.maximum(r.sum(1), t.sum(1))
+    torch.testing.assert_close(R.marginal_error(C, a, b, f, g_, 0.1, 0.5), expect)
+    torch.testing.assert_close(R.marginal_error(C, a, b, f, g_, 0.1, None), (r - a).abs().sum(1))
+
+
+# ------------------------------------------------------------------ 8. cpu ε table
+@pytest.mark.skipif("cpu" not in _backends(), reason="cpu backend not built")
+def test_cpu_eps_table_is_not_max_iter_long():
+    from optical_kernels import cpu
+
+    big = 10**7
+    assert cpu._eps_schedule(SolverConfig(eps=0.05, max_iter=big), big).numel() == 0
+    sched = SolverConfig(eps=0.05, max_iter=big, eps_schedule=(1.0, 0.5))
+    table = cpu._eps_schedule(sched, big)
+    assert table.numel() == 6 and table[-1].item() == 0.05  # 1, .5, .25, .125, .0625, .05
+    assert [sched.eps_at(t) for t in range(1, 7)] == table.tolist()
+    # and the solver runs past the table with ε, as the reference
+    g = _gen(8)
+    C = torch.rand(2, 4, 5, generator=g, dtype=F64)
+    a = torch.full((2, 4), 0.25, dtype=F64)
+    b = torch.full((2, 5), 0.2, dtype=F64)
+    for cfg in (SolverConfig(eps=0.05, max_iter=big, tol=1e-8),
+                SolverConfig(eps=0.05, max_iter=big, tol=1e-8, eps_schedule=(1.0, 0.5))):
+        got, ref = cpu.forward(C, a, b, cfg), R.forward(C, a, b, cfg)
+        assert torch.equal(got.n_iters, ref.n_iters) and (got.n_iters < 1000).all()
+        torch.testing.assert_close(got.f, ref.f)

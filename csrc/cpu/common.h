@@ -21,6 +21,13 @@ namespace okc {
 inline int round_up(int x, int L) { return (x + L - 1) / L * L; }
 
 // Arguments of the forward solve (pointers are raw data pointers from torch tensors).
+// ε at iteration t (1-based) from the schedule table of the args (issue 9: the table holds
+// only the iterations before ε_t reaches eps, not max_iter entries).
+template <class Args>
+inline double eps_at(const Args& A, int t) {
+  return t <= A.eps_len ? A.eps_t[t - 1] : A.eps;
+}
+
 struct FwdArgs {
   int B = 0, n = 0, m = 0;
   const void* C = nullptr;
@@ -30,7 +37,8 @@ struct FwdArgs {
   const void* b = nullptr;
   int64_t sbb = 0, sbm = 0;
   double eps = 0.05, rho = -1.0;   // rho <= 0: balanced
-  const double* eps_t = nullptr;   // [max_iter] ε_t (computed by Python: cfg.eps_at)
+  const double* eps_t = nullptr;   // [eps_len] ε_t (computed by Python: cfg.eps_at)
+  int eps_len = 0;                 // ε_t = eps for t > eps_len (constant ε: 0, no table)
   int max_iter = 100;
   double tol = 0.0;
   int check_every = 10;
@@ -64,7 +72,8 @@ struct BwdArgs {
   const void* hist_g = nullptr;    // [hist_T, B, m] contiguous
   int hist_T = 0;
   double eps = 0.05, rho = -1.0;
-  const double* eps_t = nullptr;   // [hist_T]
+  const double* eps_t = nullptr;   // [eps_len] ε_t; ε_t = eps for t > eps_len
+  int eps_len = 0;
   const void* gv = nullptr;        // [B] grad of value
   const void* gl = nullptr;        // [B] grad of value_linear
   void* dC = nullptr;              // [B, n, m] contiguous, zero-filled by the caller
