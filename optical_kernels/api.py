@@ -398,7 +398,9 @@ def solve_sample(
             ``"dot"`` (``−x·y``).
         eps: ε > 0, absolute, in cost units. Default 0.05.
         objective: ``"linear"`` (``<P, C>``, default), ``"entropic"`` (``OT_ε``) or
-            ``"divergence"`` (``OT_ε(x,y) − ½OT_ε(x,x) − ½OT_ε(y,y)``).
+            ``"divergence"`` (``OT_ε(x,y) − ½OT_ε(x,x) − ½OT_ε(y,y) [+ ε/2 (Σa − Σb)²]``,
+            the bracket for unbalanced problems, see :func:`_divergence`; ``n_iters``,
+            ``err``, ``converged`` report the worst of the three solves).
         grad: ``"auto"`` (implicit for linear, envelope otherwise), ``"envelope"`` (∂L/∂C = P;
             exact for entropic/divergence, an approximation for linear), ``"implicit"`` (exact
             at the fixed point) or ``"unrolled"`` (derivative of the iterations run).
@@ -434,7 +436,7 @@ def solve_sample(
     aw, bw = _marginals(x_mask, y_mask, a, b, (B, n, m), x.device, work, cfg, unbatched)
     xv, yv = aw > 0, bw > 0
     if _check_finite_enabled(x):
-        _num.check_point_problem(x, y, xv, yv, cost, cfg, work)
+        _num.check_point_problem(x, y, xv, yv, cost, cfg, work, objective == "divergence")
     name = _backends.resolve_name(backend, x.device.type, x.dtype, max(n, m))
     out, C = _solve_points(name, x, y, xv, yv, aw, bw, cost, cfg)
     value = out.value_linear if objective == "linear" else out.value

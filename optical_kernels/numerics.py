@@ -92,20 +92,27 @@ def _max_norm(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def point_cost_scale(
-    x: torch.Tensor, y: torch.Tensor, x_valid: torch.Tensor, y_valid: torch.Tensor, cost: str
-) -> tuple[float, float]:
-    """``(bound on max|C|, bound on −min C)`` over the batch for the points the solver gets
-    (cheap Cauchy–Schwarz bounds, O(B·(n+m)·d); sqeuclidean points already centred; for dot
-    the bound also covers the shifted ``C + |μ|²`` of :func:`dot_shift`)."""
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_valid: torch.Tensor,
+    y_valid: torch.Tensor,
+    cost: str,
+    self_solves: bool = False,
+) -> tuple[float, float, float]:
+    """``(bound on max|C|, bound on −min C, max point norm)`` over the batch for the points
+    the solver gets (cheap Cauchy–Schwarz bounds, O(B·(n+m)·d); sqeuclidean points already
+    centred; for dot the first bound also covers the shifted ``C + |μ|²`` of
+    :func:`dot_shift`, and with ``self_solves`` (divergence) −min C covers OT(x,x), OT(y,y))."""
     if x.numel() == 0 or y.numel() == 0 or x.shape[0] == 0:
-        return 0.0, 0.0
-    if cost == "cosine":
-        return 2.0, 0.0
+        return 0.0, 0.0, 0.0
     nx, ny = _max_norm(x, x_valid), _max_norm(y, y_valid)
+    top = float(torch.maximum(nx, ny).max())
+    if cost == "cosine":
+        return 2.0, 0.0, top
     if cost == "sqeuclidean":
-        return float(((nx + ny) ** 2).max()), 0.0
-    prod = float((nx * ny).max())  # −min C ≤ max x·y
-    return 2 * float(torch.maximum(nx, ny).square().max()), prod  # |C + |μ|²| ≤ 2 max‖·‖²
+        return float(((nx + ny) ** 2).max()), 0.0, top
+    prod = float((torch.maximum(nx, ny).square() if self_solves else nx * ny).max())
+    return 2 * top**2, prod, top  # −min C ≤ max x·y;  |C + |μ|²| ≤ 2 max‖·‖²
 
 
 def check_eps(eps: float, work: torch.dtype, scale: float) -> None:
@@ -125,13 +132,22 @@ def check_eps(eps: float, work: torch.dtype, scale: float) -> None:
 
 
 def check_unbalanced_mass(
-    cfg: SolverConfig, neg_min_cost: float, work: torch.dtype, cost: str
+    cfg: SolverConfig,
+    neg_min_cost: float,
+    work: torch.dtype,
+    cost: str,
+    grad_dtype: torch.dtype | None = None,
+    point_norm: float = 0.0,
 ) -> None:
-    """ValueError when the unbalanced mass bound ``exp(−min C/(ε+2ρ))`` is not representable."""
+    """ValueError when the unbalanced mass bound ``exp(−min C/(ε+2ρ))`` is not representable
+    (within half the exponent range of ``work``; with ``grad_dtype``, e.g. float16 points, the
+    gradient ``~ mass · ‖point‖`` must also fit that dtype)."""
     if cfg.rho is None or neg_min_cost <= 0:
         return
     log_mass = neg_min_cost / (cfg.eps + 2 * cfg.rho)
     limit = 0.5 * math.log(torch.finfo(work).max)
+    if grad_dtype is not None:
+        limit = min(limit, 0.5 * math.log(torch.finfo(grad_dtype).max) - math.log1p(point_norm))
     if log_mass > limit:
         raise ValueError(
             f"rho={cfg.rho:g} with cost={cost!r}: the costs reach {-neg_min_cost:.3g} < 0, and "
@@ -149,19 +165,20 @@ def check_point_problem(
     cost: str,
     cfg: SolverConfig,
     work: torch.dtype,
+    self_solves: bool = False,
 ) -> None:
     """:func:`check_eps` and :func:`check_unbalanced_mass` for a point problem, on the points
-    the solver will see (centred for sqeuclidean)."""
+    the solver will see (centred for sqeuclidean); ``self_solves`` for the divergence."""
     from .costs import centre
 
     with torch.no_grad():
         if cost == "sqeuclidean":
             x, y = centre(x, y, x_valid, y_valid)
-        scale, neg_min = point_cost_scale(x, y, x_valid, y_valid, cost)
+        scale, neg_min, top = point_cost_scale(x, y, x_valid, y_valid, cost, self_solves)
     if not (math.isfinite(scale) and math.isfinite(neg_min)):
         return  # NaN/Inf points: reported by the finite checks, naming the argument
     check_eps(cfg.eps, work, scale)
-    check_unbalanced_mass(cfg, neg_min, work, cost)
+    check_unbalanced_mass(cfg, neg_min, work, cost, x.dtype, top)
 
 
 def check_cost_problem(C: torch.Tensor, valid: torch.Tensor, cfg: SolverConfig) -> None:

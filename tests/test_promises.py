@@ -334,3 +334,40 @@ def test_cpu_eps_table_is_not_max_iter_long():
         got, ref = cpu.forward(C, a, b, cfg), R.forward(C, a, b, cfg)
         assert torch.equal(got.n_iters, ref.n_iters) and (got.n_iters < 1000).all()
         torch.testing.assert_close(got.f, ref.f)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dot_rho_overflow_in_self_solve_or_low_precision_gradient_rejected(backend, dtype):
+    """OT(y,y) of the divergence overflows although OT(x,y) does not; and float16 points get
+    their gradient in float16 (max 65504): both rejected clearly instead of NaN/Inf."""
+    g = _gen(9)
+    x = torch.zeros(1, 2, 1, dtype=dtype)  # x·y = 0, but −y·y reaches −1e4
+    y = (100 * torch.randn(1, 6, 1, generator=g)).to(dtype)
+    with pytest.raises(ValueError, match="rho=1 with cost='dot'"):
+        ok.solve_sample(x, y, cost="dot", eps=1e-3, rho=1.0, objective="divergence",
+                        backend=backend)  # fmt: skip
+    x = (1e4 + 100 * torch.randn(2, 8, 5, generator=g)).to(dtype)
+    y = (1e4 + 100 * torch.randn(2, 6, 5, generator=g)).to(dtype)
+    if dtype == torch.float16:
+        with pytest.raises(ValueError, match="rho=10 with cost='dot'"):
+            ok.solve_sample(x, y, cost="dot", eps=1.8e7, rho=10.0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("objective,grad", [("linear", "implicit"), ("entropic", "unrolled")])
+def test_sqeuclidean_large_scale_tiny_eps_finite_fp32(backend, objective, grad):
+    """Inputs at scale 1e4 (costs ~1e9) with ε = 0.05 = 5e-11 × the cost range: far outside
+    the accuracy promise (the fp32 potentials carry ±64 of rounding, 1e3·ε: no backend's value
+    means anything there, torch's own marginal error is 4), but never Inf/NaN. The cpu
+    backend returned Inf; it now uses log-domain iterations when ε < 48 u max|C| and bounds
+    the balanced plan by its exact bound P_ij ≤ 1."""
+    for seed in (1, 2, 4, 5):
+        g = _gen(seed)
+        x = (torch.randn(2, 5, 4, generator=g) * 1e4).requires_grad_(True)
+        y = torch.randn(2, 6, 4, generator=g) * 1e4
+        res = ok.solve_sample(x, y, cost="sqeuclidean", eps=0.05, objective=objective, grad=grad,
+                              backend=backend)  # fmt: skip
+        res.value.sum().backward()
+        assert torch.isfinite(res.value).all() and torch.isfinite(x.grad).all()
+        assert torch.isfinite(res.err).all() and torch.isfinite(res.potentials[0]).all()

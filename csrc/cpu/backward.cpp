@@ -397,7 +397,7 @@ void Backward<T>::unrolled(int k, T gvk, T glk) {
     for (int j = 0; j < ld; ++j) GB[j] = GN[j];
   };
 
-  if (A.log_only) {
+  if (A.log_only || !scaling_safe(Cc, n, m, ld, A.eps)) {
     for (int t = Tk; t >= 1; --t) log_iter(t);
     return;
   }
@@ -555,6 +555,7 @@ void Backward<T>::run(int k, bool par, int nt) {
   T* Pp = Pm.get((size_t)n * ld);
   pfor(par, nt, n, 16,
        [&](int r0, int r1) { build_plan(Cc, ld, F, G, P.la.p, BE, ie, Pp, r0, r1); });
+  if (!(A.rho > 0)) clamp_plan(Pp, (size_t)n * ld);
   T* Dp = D.get((size_t)n * ld);
 
   if (A.mode == 0 || (A.mode == 1 && glk == T(0))) {

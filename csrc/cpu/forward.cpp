@@ -115,9 +115,9 @@ void Forward<T>::solve(int k, bool par, int nt) {
     return;
   }
   const int n = P.n, m = P.m, ldn = P.ldn, ldm = P.ldm;
-  const bool use_scaling = !A.log_only;
   P.gather(Cp, A.sCn, A.sCm, /*transpose=*/true, par, nt);
   const T* Cc = P.C.p;
+  const bool use_scaling = !A.log_only && scaling_safe(Cc, n, m, ldm, A.eps);
   const T* CT = P.CT.p;
   const T* a = P.a.p;
   const T* b = P.b.p;
@@ -386,14 +386,15 @@ void Forward<T>::solve(int k, bool par, int nt) {
       T* cq = ca + (size_t)q * ldm;
       for (int j = 0; j < ldm; ++j) cq[j] = T(0);
       const int i0 = q * rg, i1 = std::min(n, (q + 1) * rg);
-      const V vie = S::set1(ie);
+      const V vie = S::set1(ie), vone = S::set1(T(1));
       for (int i = i0; i < i1; ++i) {
         const T* x = Cc + (int64_t)i * ldm;
         const V f_i = S::set1(F[i]), la_i = S::set1(la[i]);
         V racc_v = S::set1(T(0)), vl_v = S::set1(T(0));
         for (int j = 0; j < ldm; j += L) {
           const V c = S::load(x + j);
-          const V p = S::exp(((f_i + S::load(G + j)) - c) * vie + (la_i + S::load(BE + j)));
+          V p = S::exp(((f_i + S::load(G + j)) - c) * vie + (la_i + S::load(BE + j)));
+          if (!unb) p = S::vmin(p, vone);  // P_ij ≤ b_j ≤ 1: see clamp_plan (common.h)
           racc_v += p;
           vl_v += p * c;
           S::store(cq + j, S::load(cq + j) + p);
