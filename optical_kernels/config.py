@@ -32,7 +32,8 @@ to the mass: ``err = Σ_i |r_i − t_i| / max(Σ_i r_i, Σ_i t_i)`` with ``r = P
 absolute and relative errors coincide. An absolute rule stopped a problem that transports
 little mass at its first check, 4–85% away from its fixed point (issue 9). ``err`` is
 reported for the final potentials. Outputs at padded positions are 0 (``f``, ``g``,
-gradients); empty problems give ``f = g = 0``, ``value = value_linear = 0``, ``n_iters = 0``, ``err = 0``.
+gradients); empty problems give ``f = g = 0``, ``value = value_linear = 0``,
+``n_iters = 0``, ``err = 0``.
 
 Values (over valid entries)::
 

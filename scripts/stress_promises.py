@@ -112,9 +112,9 @@ def _cost_range(c: dict, x: torch.Tensor, y: torch.Tensor, xm, ym) -> tuple[floa
 def _run(backend: str, c: dict, x, y, xm, ym, a, b, eps: float):  # noqa: ANN001, ANN202
     xr = x.detach().clone().requires_grad_(True)
     yr = y.detach().clone().requires_grad_(True)
-    res = ok.solve_sample(xr, yr, xm, ym, a, b, cost=c["cost"], eps=eps, objective=c["objective"],
-                          grad=c["grad"], rho=c["rho"], tol=c["tol"], max_iter=100,
-                          backend=backend)  # fmt: skip
+    res = ok.solve_sample(xr, yr, x_mask=xm, y_mask=ym, a=a, b=b, cost=c["cost"], eps=eps,
+                          objective=c["objective"], grad=c["grad"], rho=c["rho"], tol=c["tol"],
+                          max_iter=100, backend=backend)  # fmt: skip
     res.value.double().sum().backward()
     return res, xr.grad, yr.grad
 
@@ -143,9 +143,10 @@ def _bad_inputs() -> list[tuple[str, str, object]]:
         ("max_iter", "max_iter=0", lambda: S(x, y, max_iter=0)),
         ("tol", "tol=-1", lambda: S(x, y, tol=-1.0)),
         ("a", "negative a", lambda: S(x, y, a=-torch.ones(2, 4))),
-        ("x_mask", "int mask", lambda: S(x, y, torch.ones(2, 4, dtype=torch.int64))),
-        ("x_mask", "wrong mask shape", lambda: S(x, y, torch.ones(2, 3, dtype=torch.bool))),
-        ("x_mask", "unbatched, [1, n] mask", lambda: S(xs, ys, torch.ones(1, 4, dtype=torch.bool))),
+        ("x_mask", "int mask", lambda: S(x, y, x_mask=torch.ones(2, 4, dtype=torch.int64))),
+        ("x_mask", "wrong mask shape", lambda: S(x, y, x_mask=torch.ones(2, 3, dtype=torch.bool))),
+        ("x_mask", "unbatched, [1, n] mask",
+         lambda: S(xs, ys, x_mask=torch.ones(1, 4, dtype=torch.bool))),
         ("dtype", "x fp32, y fp64", lambda: S(x, y.double())),
         ("feature", "feature mismatch", lambda: S(x, torch.randn(2, 5, 2))),
         ("x", "integer x", lambda: S(x.long(), y)),
