@@ -328,7 +328,14 @@ def _solve_points_raw(
         return run(backend_name, cfg, x=xs, y=ys, cost=cost, a=a, b=b), None
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     C = _masked_cost(x, y, x_valid, y_valid, cost, work)
-    return run(backend_name, cfg, C=C, a=a, b=b), C
+    if cfg.rho is not None:
+        return run(backend_name, cfg, C=C, a=a, b=b), C
+    # balanced: solve on C − k, k the mid-range per problem (exact, as in solve(); the solver
+    # then sees |C| ≤ R/2, so ε ≥ 1e-4 R is never below the rounding of the costs)
+    valid = x_valid[:, :, None] & y_valid[:, None, :]
+    k = _num.constant_shift(C, valid).to(work)
+    out = run(backend_name, cfg, C=torch.where(valid, C - k[:, None, None], 0.0), a=a, b=b)
+    return _num.unshift(out, k.double(), x_valid, y_valid), C
 
 
 def _masked_cost(

@@ -61,8 +61,10 @@ def constant_shift(C: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Per-problem mid-range ``(max + min)/2`` of the valid entries of C [B, n, m] -> [B]
     float64 (0 for empty problems); detached."""
     with torch.no_grad():
-        hi = torch.where(valid, C, float("-inf")).amax((1, 2)) if C.numel() else C.new_zeros(0)
-        lo = torch.where(valid, C, float("inf")).amin((1, 2)) if C.numel() else C.new_zeros(0)
+        if C.numel() == 0:
+            return torch.zeros(C.shape[0], dtype=torch.float64, device=C.device)
+        hi = torch.where(valid, C, float("-inf")).amax((1, 2))
+        lo = torch.where(valid, C, float("inf")).amin((1, 2))
         mid = (hi.double() + lo.double()) / 2
         return torch.where(torch.isfinite(mid), mid, 0.0)
 

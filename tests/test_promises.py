@@ -371,3 +371,19 @@ def test_sqeuclidean_large_scale_tiny_eps_finite_fp32(backend, objective, grad):
         res.value.sum().backward()
         assert torch.isfinite(res.value).all() and torch.isfinite(x.grad).all()
         assert torch.isfinite(res.err).all() and torch.isfinite(res.potentials[0]).all()
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, F32, F64])
+def test_constant_cost_far_from_zero_gives_the_cost(backend, dtype):
+    """Cost range 0 (one point each side, ~3e4 apart: C ≈ 8.8e8): any ε is in the promise
+    domain and OT_ε = <P, C> = C. The cpu backend returned 3e-4 (the plan underflowed)."""
+    x = torch.tensor([[[-5600.0, 18176.0, 2528.0, -8896.0, -5056.0]]], dtype=dtype)
+    y = torch.tensor([[[11456.0, -1552.0, -5472.0, -7264.0, 6528.0]]], dtype=dtype)
+    work = F64 if dtype == F64 else F32
+    C = cost_matrix(x.to(work), y.to(work), "sqeuclidean").double().item()
+    for eps in (3e-4, 0.05, 1.0):
+        res = ok.solve_sample(x, y, cost="sqeuclidean", eps=eps, objective="entropic", tol=0.0,
+                              backend=backend)  # fmt: skip
+        assert res.value.double().item() == pytest.approx(C, rel=1e-6)
+        assert res.value_linear.double().item() == pytest.approx(C, rel=1e-6)
