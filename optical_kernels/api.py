@@ -21,6 +21,7 @@ from numbers import Integral, Real
 import torch
 
 from . import backends as _backends
+from . import numerics as _num
 from .config import GRAD_MODES, SolverConfig, SolverOut
 from .convergence import warn_if_unconverged
 from .costs import COSTS, centre, cost_matrix
@@ -57,6 +58,8 @@ def _tensor(name: str, t: object) -> torch.Tensor:
 
 def _float_tensor(name: str, t: object, check_finite: bool = True) -> torch.Tensor:
     t = _tensor(name, t)
+    if name in ("x", "y", "C") and t.device.type == "meta":  # a solve reads values
+        raise ValueError(f"{name} is a meta tensor (no data); pass CPU or CUDA tensors")
     if t.dtype not in _FLOATS:
         raise TypeError(
             f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}"
@@ -237,9 +240,15 @@ def _marginals(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked masks and weights -> ``(a [B, n], b [B, m])`` in ``work`` dtype, 0 at padding."""
     if unbatched:
+        for name, t, k in (("x_mask", x_mask, shape[1]), ("y_mask", y_mask, shape[2]),
+                           ("a", a, shape[1]), ("b", b, shape[2])):  # fmt: skip
+            if t is not None and _tensor(name, t).dim() != 1:
+                raise ValueError(
+                    f"{name} must be [{k}] for unbatched inputs, got shape {tuple(t.shape)} "
+                    "(for a batch pass the points as [B, n, d], [B, m, d])"
+                )
         x_mask, y_mask, a, b = (
-            None if t is None else _tensor(name, t).unsqueeze(0)
-            for name, t in (("x_mask", x_mask), ("y_mask", y_mask), ("a", a), ("b", b))
+            None if t is None else t.unsqueeze(0) for t in (x_mask, y_mask, a, b)
         )
     B, n, m = shape
     for name, w, kw in (("a", a, "x_mask"), ("b", b, "y_mask")):
@@ -328,7 +337,34 @@ def _solve_points(
     cost: str,
     cfg: SolverConfig,
 ) -> tuple[SolverOut, torch.Tensor | None]:
-    """One OT solve between point sets; returns the output and C when it was materialised."""
+    """One OT solve between point sets; returns the output and C when it was materialised.
+
+    A balanced ``dot`` problem is solved on centred, augmented points (``C + |μ|²``, an exact
+    reformulation, see :mod:`optical_kernels.numerics`) and the constant is added back to the
+    values and ``f``.
+    """
+    shift = None
+    if cost == "dot" and cfg.rho is None:
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x, y, shift = _num.dot_shift(x.to(work), y.to(work), x_valid, y_valid)
+    out, C = _solve_points_raw(backend_name, fused, x, y, x_valid, y_valid, a, b, cost, cfg)
+    if shift is None:
+        return out, C
+    return _num.unshift(out, shift, x_valid, y_valid), None  # C is C + |μ|²: plan() recomputes it
+
+
+def _solve_points_raw(
+    backend_name: str,
+    fused: bool,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_valid: torch.Tensor,
+    y_valid: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    cost: str,
+    cfg: SolverConfig,
+) -> tuple[SolverOut, torch.Tensor | None]:
     if fused:
         for name, t in (("x", x), ("y", y)):
             if _check_finite_enabled(t) and t.numel() and not _all_finite(t):
@@ -342,7 +378,14 @@ def _solve_points(
         return run(backend_name, cfg, x=xs, y=ys, cost=cost, a=a, b=b), None
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     C = _masked_cost(x, y, x_valid, y_valid, cost, work)
-    return run(backend_name, cfg, C=C, a=a, b=b), C
+    if cfg.rho is not None:
+        return run(backend_name, cfg, C=C, a=a, b=b), C
+    # balanced: solve on C − k, k the mid-range per problem (exact, as in solve(); the solver
+    # then sees |C| ≤ R/2, so ε ≥ 1e-4 R is never below the rounding of the costs)
+    valid = x_valid[:, :, None] & y_valid[:, None, :]
+    k = _num.constant_shift(C, valid).to(work)
+    out = run(backend_name, cfg, C=torch.where(valid, C - k[:, None, None], 0.0), a=a, b=b)
+    return _num.unshift(out, k.double(), x_valid, y_valid), C
 
 
 def _masked_cost(
@@ -358,6 +401,26 @@ def _masked_cost(
     C = cost_matrix(x.to(work), y.to(work), cost, x_valid, y_valid)
     _check_cost_finite(C.detach(), (("x", x), ("y", y)))
     return torch.where(x_valid[:, :, None] & y_valid[:, None, :], C, 0.0).contiguous()
+
+
+def _divergence(
+    out: SolverOut,
+    out_xx: SolverOut,
+    out_yy: SolverOut,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    cfg: SolverConfig,
+) -> torch.Tensor:
+    """``S_ε = OT_ε(x,y) − ½OT_ε(x,x) − ½OT_ε(y,y) + ε/2 (|a| − |b|)²`` [B].
+
+    The last term (0 for balanced problems) is the peers' definition (OTT-JAX
+    ``sinkhorn_divergence``, GeomLoss): it cancels the mass constant ``ε(|a||b| − ½|a|² −
+    ½|b|²) = −ε/2 (|a| − |b|)²`` of the generalised KL, so that unequal masses give S ≥ 0.
+    """
+    value = out.value - 0.5 * (out_xx.value + out_yy.value)
+    if cfg.rho is not None:
+        value = value + 0.5 * cfg.eps * (a.sum(1) - b.sum(1)).square()
+    return value
 
 
 def solve_sample(
@@ -399,7 +462,9 @@ def solve_sample(
             ``"dot"`` (``−x·y``).
         eps: ε > 0, absolute, in cost units. Default 0.05.
         objective: ``"linear"`` (``<P, C>``, default), ``"entropic"`` (``OT_ε``) or
-            ``"divergence"`` (``OT_ε(x,y) − ½OT_ε(x,x) − ½OT_ε(y,y)``).
+            ``"divergence"`` (``OT_ε(x,y) − ½OT_ε(x,x) − ½OT_ε(y,y) [+ ε/2 (Σa − Σb)²]``,
+            the bracket for unbalanced problems, see :func:`_divergence`; ``n_iters``,
+            ``err``, ``converged`` report the worst of the three solves).
         grad: ``"auto"`` (implicit for linear, envelope otherwise), ``"envelope"`` (∂L/∂C = P;
             exact for entropic/divergence, an approximation for linear), ``"implicit"`` (exact
             at the fixed point) or ``"unrolled"`` (derivative of the iterations run).
@@ -440,6 +505,8 @@ def solve_sample(
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         aw, bw = _marginals(x_mask, y_mask, a, b, (B, n, m), x.device, work, cfg, unbatched)
         xv, yv = aw > 0, bw > 0
+        if _check_finite_enabled(x):
+            _num.check_point_problem(x, y, xv, yv, cost, cfg, work, objective == "divergence")
         name, fused = _backend_name(backend, x.device, x.dtype)
         out, C = _solve_points(name, fused, x, y, xv, yv, aw, bw, cost, cfg)
         value = out.value_linear if objective == "linear" else out.value
@@ -447,9 +514,13 @@ def solve_sample(
         if objective == "divergence":
             out_xx, _ = _solve_points(name, fused, x, x, xv, xv, aw, aw, cost, cfg)
             out_yy, _ = _solve_points(name, fused, y, y, yv, yv, bw, bw, cost, cfg)
-            value = out.value - 0.5 * (out_xx.value + out_yy.value)
+            value = _divergence(out, out_xx, out_yy, aw, bw, cfg)
             value = torch.where(xv.any(1) & yv.any(1), value, 0.0)  # empty: 0, no gradient
             errs += [out_xx.err, out_yy.err]
+            # report the worst of the three solves (the self-solves can converge far slower)
+            worst = [torch.stack([o.n_iters for o in (out, out_xx, out_yy)]).amax(0),
+                     torch.stack(errs).amax(0)]  # fmt: skip
+            out = out._replace(n_iters=worst[0], err=worst[1])
     res = _result(out, value, cfg, aw, bw, C, unbatched)
     warn_if_unconverged(errs, cfg, cost)
     if C is None:  # fused backend: plan() recomputes C on demand
@@ -508,7 +579,14 @@ def solve(
         name, _ = _backend_name(backend, C.device, C.dtype)
         valid = (aw > 0)[:, :, None] & (bw > 0)[:, None, :]
         Cw = torch.where(valid, C.to(work), 0.0).contiguous()
-        out = run(name, cfg, C=Cw, a=aw, b=bw)
+        # balanced: solve on C − k (k = mid-range per problem, an exact invariance; see numerics)
+        shift = _num.constant_shift(Cw, valid).to(work) if cfg.rho is None else None
+        Cs = Cw if shift is None else torch.where(valid, Cw - shift[:, None, None], 0.0)
+        if _check_finite_enabled(Cw):
+            _num.check_cost_problem(Cs if shift is not None else Cw, valid, cfg)
+        out = run(name, cfg, C=Cs.contiguous(), a=aw, b=bw)
+        if shift is not None:
+            out = _num.unshift(out, shift.double(), aw > 0, bw > 0)
         value = out.value_linear if objective == "linear" else out.value
     warn_if_unconverged([out.err], cfg, None)
     return _result(out, value, cfg, aw, bw, Cw, unbatched)

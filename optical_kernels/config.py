@@ -26,9 +26,14 @@ The iteration map (DESIGN §2) that all backends compute, per problem, with
     err  = Σ_i |Σ_j P_ij − a_i exp(−f_i/ρ)|       (exp(−f_i/ρ) ≡ 1 when balanced)
 
 ``err`` is the L1 row-marginal error: the row marginal of the unbalanced fixed point is
-``a_i exp(−f_i/ρ)``, so the same rule serves both. ``err`` is reported for the final
-potentials. Outputs at padded positions are 0 (``f``, ``g``, gradients); empty problems give
-``f = g = 0``, ``value = value_linear = 0``, ``n_iters = 0``, ``err = 0``.
+``a_i exp(−f_i/ρ)``, so the same rule serves both. For unbalanced problems it is relative
+to the mass: ``err = Σ_i |r_i − t_i| / max(Σ_i r_i, Σ_i t_i)`` with ``r = P1``,
+``t_i = a_i exp(−f_i/ρ)`` (0 when both masses are 0); balanced weights sum to 1, so there the
+absolute and relative errors coincide. An absolute rule stopped a problem that transports
+little mass at its first check, 4–85% away from its fixed point (issue 9). ``err`` is
+reported for the final potentials. Outputs at padded positions are 0 (``f``, ``g``,
+gradients); empty problems give ``f = g = 0``, ``value = value_linear = 0``,
+``n_iters = 0``, ``err = 0``.
 
 Values (over valid entries)::
 

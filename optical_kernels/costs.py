@@ -2,7 +2,9 @@
 
 ``C = cost_matrix(x, y, cost)`` for x [B, n, d], y [B, m, d] (or unbatched [n, d], [m, d]):
 
-* ``cosine``      ``C_ij = 1 − x̂_i·ŷ_j`` with ``x̂ = x / max(‖x‖, 1e-8)`` (default);
+* ``cosine``      ``C_ij = 1 − x̂_i·ŷ_j`` with ``x̂ = x / ‖x‖`` (default); a point with
+  ``‖x‖ < 1e-8`` (the zero vector) has no direction: ``x̂ = 0``, so its row of C is 1 and its
+  gradient is 0 in every dtype (the former ``x / 1e-8`` gave a 1e8-scale gradient, Inf in fp16);
 * ``sqeuclidean`` ``C_ij = ‖x_i − y_j‖²`` (POT's ``ot.dist``, no ½), computed as
   ``‖x‖² + ‖y‖² − 2 x·y`` after centring both sets on a common mean;
 * ``dot``         ``C_ij = −x_i·y_j``.
@@ -26,8 +28,35 @@ def _batched(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """``x / max(‖x‖, 1e-8)`` along the last dimension."""
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_FLOOR)
+    """``x / ‖x‖`` along the last dimension, 0 where ``‖x‖ < 1e-8``."""
+    norm = x.norm(dim=-1, keepdim=True)
+    return torch.where(norm < NORM_FLOOR, 0.0, x / norm.clamp_min(NORM_FLOOR))
+
+
+def _check_points(x: object, y: object) -> None:
+    """TypeError/ValueError naming the argument for what :func:`cost_matrix` cannot take."""
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+        if t.dim() not in (2, 3):
+            raise ValueError(
+                f"{name} must be [n, d] or [B, n, d] points, got shape {tuple(t.shape)}"
+            )
+    if x.dim() != y.dim():
+        raise ValueError(
+            f"x and y must both be unbatched or both batched; got shapes {tuple(x.shape)} and "
+            f"{tuple(y.shape)}"
+        )
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(
+            f"feature dimension mismatch: x has d={x.shape[-1]}, y has d={y.shape[-1]}"
+        )
+    if x.dim() == 3 and x.shape[0] != y.shape[0]:
+        raise ValueError(f"batch size mismatch: x has B={x.shape[0]}, y has B={y.shape[0]}")
+    if x.dtype != y.dtype:
+        raise TypeError(f"dtype mismatch: x is {x.dtype}, y is {y.dtype}")
 
 
 def centre(
@@ -65,6 +94,7 @@ def cost_matrix(
     """
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
+    _check_points(x, y)
     xb, yb, unbatched = _batched(x, y)
     if cost == "sqeuclidean":
         xb, yb = centre(xb, yb, x_valid, y_valid)
@@ -73,9 +103,10 @@ def cost_matrix(
 
 
 def _inv_norm(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(1/max(‖p‖, 1e-8) [.., 1], clamped [.., 1])``; one read of p."""
+    """``(1/‖p‖ [.., 1], or 0 where ‖p‖ < 1e-8; clamped [.., 1])``; one read of p."""
     norm = torch.linalg.vector_norm(p, dim=-1, keepdim=True)
-    return norm.clamp_min(NORM_FLOOR).reciprocal_(), norm < NORM_FLOOR
+    clamped = norm < NORM_FLOOR
+    return norm.clamp_min(NORM_FLOOR).reciprocal_().masked_fill_(clamped, 0.0), clamped
 
 
 def _cosine_grad(
@@ -160,8 +191,8 @@ def cost_vjp(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chain rule ``G = ∂L/∂C`` [B, n, m] -> ``(∂L/∂x [B, n, d], ∂L/∂y [B, m, d] | None)``.
 
-    * cosine: ``∂L/∂x_i = −(1/‖x_i‖)(I − x̂_i x̂_iᵀ) Σ_j G_ij ŷ_j`` (0 where ‖x_i‖ < 1e-8 is
-      clamped: there the normalisation is linear, ``∂x̂/∂x = I/1e-8``);
+    * cosine: ``∂L/∂x_i = −(1/‖x_i‖)(I − x̂_i x̂_iᵀ) Σ_j G_ij ŷ_j``, 0 where ‖x_i‖ < 1e-8
+      (there ``x̂ = 0`` is constant);
     * sqeuclidean: ``∂L/∂x_i = 2(r_i x_i − Σ_j G_ij y_j)`` with ``r = G1``;
     * dot: ``∂L/∂x_i = −Σ_j G_ij y_j``.
     """

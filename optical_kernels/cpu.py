@@ -110,11 +110,20 @@ def _check(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Ten
 @functools.lru_cache(maxsize=64)
 def _eps_cached(eps: float, schedule: tuple[float, float] | None, T: int) -> torch.Tensor:
     cfg = SolverConfig(eps=eps, eps_schedule=schedule)
-    return torch.tensor([cfg.eps_at(t) for t in range(1, T + 1)], dtype=torch.float64)
+    table: list[float] = []
+    if schedule is not None:
+        for t in range(1, T + 1):
+            table.append(cfg.eps_at(t))
+            if table[-1] == eps:  # ε_t is non-increasing: eps from here on
+                break
+    return torch.tensor(table, dtype=torch.float64)
 
 
 def _eps_schedule(cfg: SolverConfig, T: int) -> torch.Tensor:
-    """ε_t for t = 1..T, float64 (exactly ``cfg.eps_at``; cached, read-only)."""
+    """ε_t for t = 1..L, float64 (exactly ``cfg.eps_at``; cached, read-only), where L ≤ T is
+    the first iteration at which ε_t reaches ``eps``; the C++ side uses ``eps`` for t > L.
+    Constant ε gives an empty table (issue 9: a ``max_iter`` table took seconds and memory
+    for ``max_iter=10**7``)."""
     return _eps_cached(float(cfg.eps), cfg.eps_schedule, max(T, 1))
 
 
@@ -153,7 +162,8 @@ def forward(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig
             C.data_ptr(), *C.stride(),
             a.data_ptr(), *a.stride(),
             b.data_ptr(), *b.stride(),
-            float(cfg.eps), _rho(cfg), eps_t.data_ptr(), int(cfg.max_iter), float(cfg.tol),
+            float(cfg.eps), _rho(cfg), eps_t.data_ptr(), eps_t.numel(), int(cfg.max_iter),
+            float(cfg.tol),
             int(cfg.check_every),
             f.data_ptr(), g.data_ptr(), value.data_ptr(), value_linear.data_ptr(),
             n_iters.data_ptr(), err.data_ptr(),
@@ -218,7 +228,7 @@ def backward(
             b.data_ptr(), *b.stride(),
             f.data_ptr(), g.data_ptr(), n_iters.data_ptr(),
             hist_f.data_ptr() if T else 0, hist_g.data_ptr() if T else 0, T,
-            float(cfg.eps), _rho(cfg), eps_t.data_ptr(),
+            float(cfg.eps), _rho(cfg), eps_t.data_ptr(), eps_t.numel(),
             gv.data_ptr(), gl.data_ptr(), dC.data_ptr(),
             int(cfg.cg_max_iter), float(cfg.cg_tol), DIRECT_MAX, torch.get_num_threads(),
             PAR_MIN, int(LOG_DOMAIN),

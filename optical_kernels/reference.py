@@ -58,14 +58,22 @@ def marginal_error(
     eps: float,
     rho: float | None,
 ) -> torch.Tensor:
-    """L1 row-marginal error ``Σ_i |Σ_j P_ij − a_i exp(−f_i/ρ)|`` -> [B]."""
+    """L1 row-marginal error ``Σ_i |Σ_j P_ij − a_i exp(−f_i/ρ)|`` -> [B]; for unbalanced
+    problems relative to the mass, divided by ``max(Σ_ij P_ij, Σ_i a_i exp(−f_i/ρ))`` (0 when
+    both are 0), so that a problem transporting little mass is not stopped far from its fixed
+    point (:mod:`optical_kernels.config`)."""
     va, vb, nonempty = _masks(a, b)
     la = _safe_log_weights(a, nonempty, va)
     lb = _safe_log_weights(b, nonempty, vb)
     log_r = la + f / eps + _lse_rows(C, lb, g, eps)
     target = a if rho is None else a * torch.exp(-f / rho)
-    err = torch.where(va & nonempty[:, None], (log_r.exp() - target).abs(), 0.0)
-    return err.sum(1)
+    keep = va & nonempty[:, None]
+    r = torch.where(keep, log_r.exp(), 0.0)
+    err = torch.where(keep, (r - target).abs(), 0.0).sum(1)
+    if rho is None:
+        return err
+    denom = torch.maximum(r.sum(1), torch.where(keep, target, 0.0).sum(1))
+    return torch.where(denom > 0, err / torch.where(denom > 0, denom, 1.0), 0.0)
 
 
 def log_plan(

@@ -205,7 +205,7 @@ def test_mask_device(fn, name):
 
 def test_unbatched_mask_shape():
     x, y = pts(B=None)
-    with pytest.raises(ValueError, match="x_mask must have shape"):
+    with pytest.raises(ValueError, match=r"x_mask must be \[5\] for unbatched inputs"):
         solve_sample(x, y, x_mask=torch.ones(1, 5, dtype=torch.bool), backend="torch")
     # correct unbatched masks are accepted
     res = solve_sample(x, y, x_mask=torch.ones(5, dtype=torch.bool),

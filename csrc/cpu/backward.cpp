@@ -155,15 +155,21 @@ void Backward<T>::implicit_solve(int n, int m, int ld, double kappa, bool balanc
   // rank-one term. A pivot below `tol_piv` marks such a direction: its column is dropped and
   // the component of x set to 0 (any solution serves: dC only sees u_i + v_j where P_ij > 0,
   // and the right-hand side is orthogonal to those null directions).
+  // Unbalanced S is positive definite on the live columns: there a pivot is compared with its
+  // own diagonal entry only (scale-free). The column masses of a plan that transports little
+  // mass span many orders of magnitude, and a threshold relative to the largest diagonal
+  // entry dropped most live columns (issue 9: fp32 gradient 68% off).
   double dmax = 0.0;
   for (int q = 0; q < M; ++q) dmax = std::max(dmax, Sp[(size_t)q * ldM + q]);
   const double tol_piv = 1e-13 * (dmax > 0 ? dmax : 1.0);
   double* col = isq + N;  // scratch [M]
   unsigned char* dead = reinterpret_cast<unsigned char*>(col + M);  // [M] bytes
+  double* tolv = col + M + (M + 7) / 8 + 1;                          // scratch [M]
+  for (int q = 0; q < M; ++q) tolv[q] = balanced ? tol_piv : 1e-13 * Sp[(size_t)q * ldM + q];
   for (int k = 0; k < M; ++k) {
     double* sk = Sp + (size_t)k * ldM;
     const double piv = sk[k];
-    dead[k] = !(piv > tol_piv);
+    dead[k] = !(piv > tolv[k]);
     if (dead[k]) {
       sk[k] = 1.0;
       for (int i = k + 1; i < M; ++i) Sp[(size_t)i * ldM + k] = 0.0;
@@ -340,7 +346,7 @@ void Backward<T>::unrolled(int k, T gvk, T glk) {
 
   // One reverse iteration in the log domain (exact softmax weights from exponentials).
   auto log_iter = [&](int t) {
-    const double et = A.eps_t[t - 1];
+    const double et = eps_at(A, t);
     const double lam = unb ? rho / (rho + et) : 1.0;
     const T tie = (T)(1.0 / et), tl = (T)lam;
     const T* ft = Fh + (int64_t)(t - 1) * lv;
@@ -391,7 +397,7 @@ void Backward<T>::unrolled(int k, T gvk, T glk) {
     for (int j = 0; j < ld; ++j) GB[j] = GN[j];
   };
 
-  if (A.log_only) {
+  if (A.log_only || !scaling_safe(Cc, n, m, ld, A.eps)) {
     for (int t = Tk; t >= 1; --t) log_iter(t);
     return;
   }
@@ -441,7 +447,7 @@ void Backward<T>::unrolled(int k, T gvk, T glk) {
     }
   };
   for (int t = Tk; t >= 1; --t) {
-    const double et = A.eps_t[t - 1];
+    const double et = eps_at(A, t);
     const double lam = unb ? rho / (rho + et) : 1.0;
     const T tie = (T)(1.0 / et), tl = (T)lam;
     const T* ft = Fh + (int64_t)(t - 1) * lv;
@@ -549,6 +555,7 @@ void Backward<T>::run(int k, bool par, int nt) {
   T* Pp = Pm.get((size_t)n * ld);
   pfor(par, nt, n, 16,
        [&](int r0, int r1) { build_plan(Cc, ld, F, G, P.la.p, BE, ie, Pp, r0, r1); });
+  if (!(A.rho > 0)) clamp_plan(Pp, (size_t)n * ld);
   T* Dp = D.get((size_t)n * ld);
 
   if (A.mode == 0 || (A.mode == 1 && glk == T(0))) {

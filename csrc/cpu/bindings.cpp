@@ -30,7 +30,7 @@ void check_dtype(const std::string& dtype) {
 
 void forward(const std::string& dtype, int B, int n, int m, int64_t C, int64_t sCb, int64_t sCn,
              int64_t sCm, int64_t a, int64_t sab, int64_t san, int64_t b, int64_t sbb,
-             int64_t sbm, double eps, double rho, int64_t eps_t, int max_iter, double tol,
+             int64_t sbm, double eps, double rho, int64_t eps_t, int eps_len, int max_iter, double tol,
              int check_every, int64_t f, int64_t g, int64_t value, int64_t value_linear,
              int64_t n_iters, int64_t err, int64_t hist_f, int64_t hist_g, int num_threads, double tau,
              int log_only, int64_t par_min) {
@@ -42,7 +42,7 @@ void forward(const std::string& dtype, int B, int n, int m, int64_t C, int64_t s
   A.C = ptr<const void>(C), A.sCb = sCb, A.sCn = sCn, A.sCm = sCm;
   A.a = ptr<const void>(a), A.sab = sab, A.san = san;
   A.b = ptr<const void>(b), A.sbb = sbb, A.sbm = sbm;
-  A.eps = eps, A.rho = rho, A.eps_t = ptr<const double>(eps_t);
+  A.eps = eps, A.rho = rho, A.eps_t = ptr<const double>(eps_t), A.eps_len = eps_len;
   A.max_iter = max_iter, A.tol = tol, A.check_every = check_every;
   A.f = ptr<void>(f), A.g = ptr<void>(g), A.value = ptr<void>(value);
   A.value_linear = ptr<void>(value_linear), A.n_iters = ptr<int32_t>(n_iters);
@@ -60,7 +60,7 @@ void forward(const std::string& dtype, int B, int n, int m, int64_t C, int64_t s
 void backward(const std::string& dtype, int mode, int B, int n, int m, int64_t C, int64_t sCb,
               int64_t sCn, int64_t sCm, int64_t a, int64_t sab, int64_t san, int64_t b,
               int64_t sbb, int64_t sbm, int64_t f, int64_t g, int64_t n_iters, int64_t hist_f,
-              int64_t hist_g, int hist_T, double eps, double rho, int64_t eps_t, int64_t gv, int64_t gl,
+              int64_t hist_g, int hist_T, double eps, double rho, int64_t eps_t, int eps_len, int64_t gv, int64_t gl,
               int64_t dC, int cg_max_iter, double cg_tol, int direct_max, int num_threads,
               int64_t par_min, int log_only) {
   check_dtype(dtype);
@@ -75,7 +75,7 @@ void backward(const std::string& dtype, int mode, int B, int n, int m, int64_t C
   A.f = ptr<const void>(f), A.g = ptr<const void>(g), A.n_iters = ptr<const int32_t>(n_iters);
   A.hist_f = hist_f ? ptr<const void>(hist_f) : nullptr;
   A.hist_g = hist_g ? ptr<const void>(hist_g) : nullptr, A.hist_T = hist_T;
-  A.eps = eps, A.rho = rho, A.eps_t = ptr<const double>(eps_t);
+  A.eps = eps, A.rho = rho, A.eps_t = ptr<const double>(eps_t), A.eps_len = eps_len;
   A.gv = ptr<const void>(gv), A.gl = ptr<const void>(gl), A.dC = ptr<void>(dC);
   A.mode = mode, A.cg_max_iter = cg_max_iter, A.cg_tol = cg_tol, A.direct_max = direct_max;
   A.num_threads = num_threads, A.par_min = par_min, A.log_only = log_only;
@@ -118,7 +118,7 @@ PYBIND11_MODULE(_cpu, mod) {
           py::arg("dtype"), py::arg("B"), py::arg("n"), py::arg("m"), py::arg("C"),
           py::arg("sCb"), py::arg("sCn"), py::arg("sCm"), py::arg("a"), py::arg("sab"),
           py::arg("san"), py::arg("b"), py::arg("sbb"), py::arg("sbm"), py::arg("eps"),
-          py::arg("rho"), py::arg("eps_t"), py::arg("max_iter"), py::arg("tol"),
+          py::arg("rho"), py::arg("eps_t"), py::arg("eps_len"), py::arg("max_iter"), py::arg("tol"),
           py::arg("check_every"), py::arg("f"), py::arg("g"), py::arg("value"),
           py::arg("value_linear"), py::arg("n_iters"), py::arg("err"), py::arg("hist_f"), py::arg("hist_g"),
           py::arg("num_threads"), py::arg("tau") = 0.0, py::arg("log_only") = 0,
@@ -128,7 +128,7 @@ PYBIND11_MODULE(_cpu, mod) {
           py::arg("C"), py::arg("sCb"), py::arg("sCn"), py::arg("sCm"), py::arg("a"),
           py::arg("sab"), py::arg("san"), py::arg("b"), py::arg("sbb"), py::arg("sbm"),
           py::arg("f"), py::arg("g"), py::arg("n_iters"), py::arg("hist_f"), py::arg("hist_g"), py::arg("hist_T"),
-          py::arg("eps"), py::arg("rho"), py::arg("eps_t"), py::arg("gv"), py::arg("gl"),
+          py::arg("eps"), py::arg("rho"), py::arg("eps_t"), py::arg("eps_len"), py::arg("gv"), py::arg("gl"),
           py::arg("dC"), py::arg("cg_max_iter") = 0, py::arg("cg_tol") = 0.0,
           py::arg("direct_max") = 384, py::arg("num_threads") = 1,
           py::arg("par_min") = 1 << 18, py::arg("log_only") = 0);

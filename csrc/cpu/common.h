@@ -21,6 +21,34 @@ namespace okc {
 inline int round_up(int x, int L) { return (x + L - 1) / L * L; }
 
 // Arguments of the forward solve (pointers are raw data pointers from torch tensors).
+// The scaling form rounds (f̄ + ḡ − C)/ε to about u·max|C|/ε (u: unit roundoff of T): when
+// that is not small (ε < 48 u max|C|, far outside the accuracy promise ε ≥ 1e-4 × range) the
+// plain log-domain iterations and reverse pass are used instead; they are self-normalising
+// like the reference (issue 9: fp32 sqeuclidean at scale 1e4, ε = 0.05 returned Inf).
+template <class T>
+inline bool scaling_safe(const T* C, int n, int m, int ld, double eps) {
+  T cmax = T(0);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < m; ++j) cmax = std::max(cmax, std::fabs(C[(int64_t)i * ld + j]));
+  return 48.0 * (double)std::numeric_limits<T>::epsilon() * (double)cmax <= eps;
+}
+
+// Balanced plans satisfy P_ij ≤ b_j ≤ 1 exactly (the column marginal after a g-update). When
+// ε is far below the rounding of the potentials (|f| ~ 1e9 in fp32 with ε = 0.05) the final
+// potentials are not consistent to within ε and exp((f + g − C)/ε) can overflow; the bound
+// keeps the plan finite there (issue 9) and never binds otherwise.
+template <class T>
+inline void clamp_plan(T* P, size_t count) {
+  for (size_t q = 0; q < count; ++q) P[q] = std::min(P[q], T(1));
+}
+
+// ε at iteration t (1-based) from the schedule table of the args (issue 9: the table holds
+// only the iterations before ε_t reaches eps, not max_iter entries).
+template <class Args>
+inline double eps_at(const Args& A, int t) {
+  return t <= A.eps_len ? A.eps_t[t - 1] : A.eps;
+}
+
 struct FwdArgs {
   int B = 0, n = 0, m = 0;
   const void* C = nullptr;
@@ -30,7 +58,8 @@ struct FwdArgs {
   const void* b = nullptr;
   int64_t sbb = 0, sbm = 0;
   double eps = 0.05, rho = -1.0;   // rho <= 0: balanced
-  const double* eps_t = nullptr;   // [max_iter] ε_t (computed by Python: cfg.eps_at)
+  const double* eps_t = nullptr;   // [eps_len] ε_t (computed by Python: cfg.eps_at)
+  int eps_len = 0;                 // ε_t = eps for t > eps_len (constant ε: 0, no table)
   int max_iter = 100;
   double tol = 0.0;
   int check_every = 10;
@@ -64,7 +93,8 @@ struct BwdArgs {
   const void* hist_g = nullptr;    // [hist_T, B, m] contiguous
   int hist_T = 0;
   double eps = 0.05, rho = -1.0;
-  const double* eps_t = nullptr;   // [hist_T]
+  const double* eps_t = nullptr;   // [eps_len] ε_t; ε_t = eps for t > eps_len
+  int eps_len = 0;
   const void* gv = nullptr;        // [B] grad of value
   const void* gl = nullptr;        // [B] grad of value_linear
   void* dC = nullptr;              // [B, n, m] contiguous, zero-filled by the caller

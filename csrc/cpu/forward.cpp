@@ -21,6 +21,12 @@
 
 namespace okc {
 
+// Unbalanced stopping error relative to the mass (config.py): e / max(Σ r, Σ target).
+static inline double rel_err(double e, double sr, double st) {
+  const double d = std::max(sr, st);
+  return d > 0 ? e / d : 0.0;
+}
+
 template <class T>
 struct Forward {
   using S = Simd<T>;
@@ -109,9 +115,9 @@ void Forward<T>::solve(int k, bool par, int nt) {
     return;
   }
   const int n = P.n, m = P.m, ldn = P.ldn, ldm = P.ldm;
-  const bool use_scaling = !A.log_only;
   P.gather(Cp, A.sCn, A.sCm, /*transpose=*/true, par, nt);
   const T* Cc = P.C.p;
+  const bool use_scaling = !A.log_only && scaling_safe(Cc, n, m, ldm, A.eps);
   const T* CT = P.CT.p;
   const T* a = P.a.p;
   const T* b = P.b.p;
@@ -227,7 +233,7 @@ void Forward<T>::solve(int k, bool par, int nt) {
   auto row_err_explicit = [&](const T* Fo, const T* Go) -> double {
     const T ie = (T)(1.0 / eps);
     for (int j = 0; j < ldm; ++j) BE[j] = j < m ? lb[j] : ninf;
-    double e = 0.0;
+    double e = 0.0, sr = 0.0, st = 0.0;
     T* row = cacc.get(ldm);
     for (int i = 0; i < n; ++i) {
       build_plan(Cc + (int64_t)i * ldm, ldm, Fo + i, Go, la + i, BE, ie, row, 0, 1);
@@ -235,29 +241,34 @@ void Forward<T>::solve(int k, bool par, int nt) {
       for (int j = 0; j < m; ++j) r += row[j];
       const double target = unb ? a[i] * std::exp(-(double)Fo[i] / rho) : a[i];
       e += std::fabs(r - target);
+      sr += r;
+      st += target;
     }
-    return e;
+    return unb ? rel_err(e, sr, st) : e;
   };
   // Unbalanced row-marginal error of the scaled state from s = K̃ ṽ: r_i = ũ_i s_i.
   auto unb_err = [&]() -> double {
-    double e = 0.0;
+    double e = 0.0, sr = 0.0, st = 0.0;
     for (int i = 0; i < n; ++i) {
       const double fi = (double)FB[i] + K_eps * (std::log((double)UA[i]) - (double)la[i]);
-      e += std::fabs((double)UA[i] * Sv[i] - (double)a[i] * std::exp(-fi / rho));
+      const double r = (double)UA[i] * Sv[i], target = (double)a[i] * std::exp(-fi / rho);
+      e += std::fabs(r - target);
+      sr += r;
+      st += target;
     }
-    return e;
+    return rel_err(e, sr, st);
   };
 
   int it_done = 0;
   for (int it = 1; it <= A.max_iter; ++it) {
-    const double et = A.eps_t[it - 1];
+    const double et = eps_at(A, it);
     const double lam = unb ? rho / (rho + et) : 1.0;
     const bool check = check_tol && it >= 2 && ((it - 1) % A.check_every == 0) &&
-                       A.eps_t[it - 2] == eps;
+                       eps_at(A, it - 1) == eps;
     bool stop = false;
     bool absorb = false;
     // ------------------------------------------------------------------ f-step
-    if (use_scaling && it == 1 && (A.max_iter == 1 || A.eps_t[1] == et)) rebuild(et, true);
+    if (use_scaling && it == 1 && (A.max_iter == 1 || eps_at(A, 2) == et)) rebuild(et, true);
     if (use_scaling && (!haveK || K_eps != et) && fresh_eps == et) rebuild(et, false);
     bool done = false;
     if (haveK && K_eps == et) {
@@ -288,12 +299,16 @@ void Forward<T>::solve(int k, bool par, int nt) {
       if (check) {
         double e = 0.0;
         if (et == eps) {
+          double sr = 0.0, st = 0.0;
           for (int i = 0; i < n; ++i) {
             const double r = (double)a[i] * std::exp((double)F[i] / eps + (double)Sv[i]);
             double target = a[i];
             if (unb) target *= std::exp(-(double)F[i] / rho);
             e += std::fabs(r - target);
+            sr += r;
+            st += target;
           }
+          if (unb) e = rel_err(e, sr, st);
         } else {
           e = row_err_explicit(F, G);
         }
@@ -371,14 +386,15 @@ void Forward<T>::solve(int k, bool par, int nt) {
       T* cq = ca + (size_t)q * ldm;
       for (int j = 0; j < ldm; ++j) cq[j] = T(0);
       const int i0 = q * rg, i1 = std::min(n, (q + 1) * rg);
-      const V vie = S::set1(ie);
+      const V vie = S::set1(ie), vone = S::set1(T(1));
       for (int i = i0; i < i1; ++i) {
         const T* x = Cc + (int64_t)i * ldm;
         const V f_i = S::set1(F[i]), la_i = S::set1(la[i]);
         V racc_v = S::set1(T(0)), vl_v = S::set1(T(0));
         for (int j = 0; j < ldm; j += L) {
           const V c = S::load(x + j);
-          const V p = S::exp(((f_i + S::load(G + j)) - c) * vie + (la_i + S::load(BE + j)));
+          V p = S::exp(((f_i + S::load(G + j)) - c) * vie + (la_i + S::load(BE + j)));
+          if (!unb) p = S::vmin(p, vone);  // P_ij ≤ b_j ≤ 1: see clamp_plan (common.h)
           racc_v += p;
           vl_v += p * c;
           S::store(cq + j, S::load(cq + j) + p);
@@ -394,7 +410,7 @@ void Forward<T>::solve(int k, bool par, int nt) {
     for (int q = 0; q < nch; ++q) sacc += ca[(size_t)q * ldm + j];
     cs[j] = sacc;
   }
-  double vl = 0.0, fr = 0.0, gc = 0.0, mass = 0.0, sa = 0.0, sb = 0.0, err = 0.0;
+  double vl = 0.0, fr = 0.0, gc = 0.0, mass = 0.0, sa = 0.0, sb = 0.0, err = 0.0, st = 0.0;
   double kla = 0.0, klb = 0.0;
   for (int i = 0; i < n; ++i) {
     const double r = rv[i];
@@ -404,6 +420,7 @@ void Forward<T>::solve(int k, bool par, int nt) {
     sa += a[i];
     const double target = unb ? (double)a[i] * std::exp(-(double)F[i] / rho) : (double)a[i];
     err += std::fabs(r - target);
+    st += target;
     if (unb) kla += (r > 0 ? r * (std::log(r) - (double)la[i]) : 0.0) - r + a[i];
   }
   for (int j = 0; j < m; ++j) {
@@ -412,6 +429,7 @@ void Forward<T>::solve(int k, bool par, int nt) {
     sb += b[j];
     if (unb) klb += (c > 0 ? c * (std::log(c) - (double)lb[j]) : 0.0) - c + b[j];
   }
+  if (unb) err = rel_err(err, mass, st);
   double value = fr + gc - eps * mass + eps * sa * sb;
   if (unb) value += rho * (kla + klb);
   *value_out = (T)value;

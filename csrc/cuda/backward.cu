@@ -363,7 +363,7 @@ OKC_DEV void chain_rule(const Params& p, const Plan& pl, int k, const T* W, int 
             T v = 0;
             if (kk < kvalid && c0 + c < d) {
                 v = load_as<T>(oth, (int64_t)kk * oth_r + (int64_t)(c0 + c) * oth_c);
-                if (cosine) v = v / okc_max(oth_norm[kk], (T)1e-8);
+                if (cosine) v = oth_norm[kk] < (T)1e-8 ? (T)0 : v / oth_norm[kk];  // x̂ = 0
             }
             Bs[kk * ldb + c] = v;
         }
@@ -421,11 +421,11 @@ OKC_DEV void chain_rule(const Params& p, const Plan& pl, int k, const T* W, int 
             const T w = out[idx];
             const T nr = own_norm[r];
             T o;
-            if (!(nr < (T)1e-8)) {  // cost_vjp: clamped (linear) branch iff |x| < 1e-8
+            if (!(nr < (T)1e-8)) {  // cost_vjp: |x| < 1e-8 has no direction, gradient 0
                 const T xv = load_as<T>(own, (int64_t)r * own_r + (int64_t)c * own_c);
                 o = -w / nr + xv * (rowdot[r] / (nr * nr * nr));
             } else {
-                o = -w * (T)1e8;
+                o = 0;
             }
             out[idx] = o;
         }

@@ -284,7 +284,8 @@ OKC_DEV void cost_tile_from_points(const Params& p, const Plan& pl, int k, T* ti
         if (ok) {
             const T D = *cp;
             if (p.cost == kCosine) {
-                c = (T)1 - D / (okc_max(nx[i], (T)1e-8) * okc_max(ny[j], (T)1e-8));
+                // |x| < 1e-8: no direction, x̂ = 0 and C = 1 (costs.py)
+                c = (nx[i] < (T)1e-8 || ny[j] < (T)1e-8) ? (T)1 : (T)1 - D / (nx[i] * ny[j]);
             } else if (p.cost == kSqEuclidean) {
                 c = okc_max(nx[i] + ny[j] - (T)2 * D, (T)0);
             } else {

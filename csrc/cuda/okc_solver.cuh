@@ -83,21 +83,28 @@ OKC_DEV T plan_entry(const Vecs<T>& V, int i, int j, T c, T s) {
     return V.lb[j] > Lim<T>::ninf() ? exp2_capped(log2_plan(V, i, j, c, s)) : (T)0;
 }
 
-// L1 row-marginal error of (f, g) at eps (config.py): sum_i |sum_j P_ij - a_i exp(-f_i/rho)|.
+// L1 row-marginal error of (f, g) at eps (config.py): sum_i |sum_j P_ij - a_i exp(-f_i/rho)|,
+// for unbalanced problems divided by max(sum_i r_i, sum_i target_i) (relative to the mass).
 // Returns the block-uniform value.
 template <class T>
 OKC_DEV T row_error(const Params& p, const T* A, const T* tile, int pitch, const Vecs<T>& V,
                     int n_eff, int m_eff) {
     const T s = (T)(LOG2E / p.eps);
-    T acc = 0;
+    T acc = 0, rsum = 0, tsum = 0;
     // log2 r_i = log2 a_i + f_i s + LSE2_j[(g_j - C_ij) s + log2 b_j]
     rows_lse2(tile, pitch, V.la, V.lb, V.g, s, n_eff, m_eff, [&](int i, T M, T S) {
         const T r = exp2_capped(V.la[i] + V.f[i] * s + M + okc_log2(S));
         T target = A[i];
         if (p.rho > 0) target *= (T)exp(-(double)V.f[i] / p.rho);
         acc += okc_abs(r - target);
+        rsum += r;
+        tsum += target;
     });
-    return block_sum(acc, V.scal);
+    const T e = block_sum(acc, V.scal);
+    if (!(p.rho > 0)) return e;
+    block_sum2(rsum, tsum, V.scal);
+    const T d = okc_max(rsum, tsum);
+    return d > (T)0 ? e / d : (T)0;
 }
 
 // value_linear = sum P C and value = value_linear + eps KL(P|a b) [+ rho KL(P1|a) + rho KL(P^T 1|b)]

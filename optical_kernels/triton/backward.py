@@ -202,8 +202,8 @@ def resident_backward_kernel(
             cosv = 1.0 - C
             sx = tl.where(nx < 1e-8, 0.0, tl.sum(G * cosv, axis=1))
             sy = tl.where(ny < 1e-8, 0.0, tl.sum(G * cosv, axis=0))
-            Gx = G / nyc[None, :]
-            Gy = G / nxc[:, None]
+            Gx = tl.where((ny < 1e-8)[None, :], 0.0, G / nyc[None, :])  # x̂ = 0 there
+            Gy = tl.where((nx < 1e-8)[:, None], 0.0, G / nxc[:, None])
         else:
             Gx = G
             Gy = G
@@ -225,6 +225,7 @@ def resident_backward_kernel(
             xf = xt.to(ACC)
             if COST == 1:
                 dx = (sx[:, None] * xf / nxc[:, None] - hx) / nxc[:, None]
+                dx = tl.where((nx < 1e-8)[:, None], 0.0, dx)
             elif COST == 2:
                 dx = 2.0 * (rowG[:, None] * xf - hx)
             else:
@@ -241,6 +242,7 @@ def resident_backward_kernel(
                 yf = yt.to(ACC)
                 if COST == 1:
                     dy = (sy[:, None] * yf / nyc[:, None] - hy) / nyc[:, None]
+                    dy = tl.where((ny < 1e-8)[:, None], 0.0, dy)
                 elif COST == 2:
                     dy = 2.0 * (colG[:, None] * yf - hy)
                 else:

@@ -114,11 +114,20 @@ def _cost_tile(
             nx = tl.maximum(tl.sqrt(xx), 1e-8)
             ny = tl.maximum(tl.sqrt(yy), 1e-8)
             C = 1.0 - xy / (nx[:, None] * ny[None, :])
+            # ‖x‖ < 1e-8: no direction, x̂ = 0 (costs.py)
+            C = tl.where((tl.sqrt(xx) < 1e-8)[:, None] | (tl.sqrt(yy) < 1e-8)[None, :], 1.0, C)
         elif COST == 2:
             C = tl.maximum(xx[:, None] + yy[None, :] - 2.0 * xy, 0.0)
         else:
             C = -xy
     return C, xx, yy
+
+
+@triton.jit
+def _rel_err(err, r, target, va):
+    """Unbalanced stopping error relative to the mass: ``err / max(Σ r, Σ target)``."""
+    d = tl.maximum(tl.sum(tl.where(va, r, 0.0), axis=0), tl.sum(tl.where(va, target, 0.0), axis=0))
+    return tl.where(d > 0, err / tl.where(d > 0, d, 1.0), 0.0)
 
 
 @triton.jit
@@ -260,6 +269,8 @@ def resident_forward_kernel(
                 else:
                     target = tl.exp2(la2 - fc * (LOG2E / rho))
                 err = tl.sum(tl.where(va, tl.abs(r - target), 0.0), axis=0)
+                if not BALANCED:  # relative to the mass (config.py)
+                    err = _rel_err(err, r, target, va)
                 active = (err >= tol).to(tl.int32)
 
     if SCALING:
@@ -281,6 +292,8 @@ def resident_forward_kernel(
         kl_c = tl.where(vb & (c > 0), c * (tl.log2(tl.where(c > 0, c, 1.0)) - lb2) * LN2, 0.0)
         value += rho * (tl.sum(kl_r, axis=0) - mass + sa + tl.sum(kl_c, axis=0) - mass + sb)
     err = tl.sum(tl.where(va, tl.abs(r - target), 0.0), axis=0)
+    if not BALANCED:
+        err = _rel_err(err, r, target, va)
     value = tl.where(nonempty, value, 0.0)
     vlin = tl.where(nonempty, vlin, 0.0)
     err = tl.where(nonempty, err, 0.0)

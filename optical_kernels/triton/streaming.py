@@ -483,7 +483,8 @@ class _Problem:
 
     # ----------------------------------------------------------------- helpers
     def _norms(self, p: torch.Tensor) -> torch.Tensor | None:
-        """Cosine: ±1/max(‖p‖, 1e-8) (negative where clamped); sqeuclidean: ‖p‖²."""
+        """Cosine: 1/‖p‖, 0 where ‖p‖ < 1e-8 (x̂ = 0: C = 1, gradient 0, as costs.py);
+        sqeuclidean: ‖p‖²."""
         if self.code == 3:
             return None
         p32 = p.to(self.dtype)
@@ -491,7 +492,7 @@ class _Problem:
             return (p32 * p32).sum(-1).contiguous()
         nrm = p32.norm(dim=-1)
         inv = 1.0 / nrm.clamp_min(NORM_FLOOR)
-        return torch.where(nrm < NORM_FLOOR, -inv, inv).contiguous()
+        return torch.where(nrm < NORM_FLOOR, 0.0, inv).contiguous()
 
     def _src_args(self, rows: bool) -> tuple:
         """Kernel arguments of the cost source for a pass whose rows are ``rows``' side."""
@@ -630,6 +631,9 @@ def _row_err(
     r = torch.where(valid, torch.exp(log_r), 0.0)
     target = a if rho is None else a * torch.exp(-f / rho)
     err = torch.where(valid, (r - target).abs(), 0.0).sum(1)
+    if rho is not None:  # relative to the mass (config.py)
+        denom = torch.maximum(r.sum(1), torch.where(valid, target, 0.0).sum(1))
+        err = torch.where(denom > 0, err / torch.where(denom > 0, denom, 1.0), 0.0)
     return err, r, log_r
 
 
