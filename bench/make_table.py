@@ -70,10 +70,23 @@ def machine_line(run: dict) -> str:
     if not env.get("gpu"):
         where += f" (torch threads {env.get('torch_threads', '?')})"
     vers = [f"torch {env.get('torch')}", f"POT {env.get('pot')}", f"Python {env.get('python')}"]
-    for key, label in [("triton", "triton"), ("geomloss", "GeomLoss"), ("flash_sinkhorn", "FS")]:
+    for key, label in [
+        ("triton", "triton"),
+        ("geomloss", "GeomLoss"),
+        ("flash_sinkhorn", "FS"),
+        ("ott_jax", "OTT-JAX"),
+    ]:
         if env.get(key) and (key != "triton" or env.get("gpu")):
             vers.append(f"{label} {env[key]}")
-    return f"{where}; {', '.join(vers)}; {str(env.get('date', '?'))[:10]}"
+    isa = ""
+    if env.get("ok_cpu_variant") or env.get("torch_cpu_capability"):
+        isa = (
+            f"; ISA: ours `{env.get('ok_cpu_variant')}`, torch {env.get('torch_cpu_capability')}"
+            f" (CPU supports {'/'.join(env.get('cpu_supports') or ['?'])})"
+        )
+        if env.get("isa_env"):
+            isa += ", " + " ".join(f"{k}={v}" for k, v in env["isa_env"].items())
+    return f"{where}; {', '.join(vers)}; {str(env.get('date', '?'))[:10]}{isa}"
 
 
 def table(run: dict, baselines: list[str], loss_rtol: float = 1e-3) -> str:

@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+from bench.conftest import isa_info
 from bench.providers import PROVIDERS
 from bench.shapes import make_problem
 
@@ -23,6 +24,14 @@ from bench.shapes import make_problem
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _row_isa(provider: str) -> str:
+    """The instruction set a row ran on: our cpu variant for ``cpu*``, torch's otherwise."""
+    info = isa_info()
+    if provider.startswith("cpu"):
+        return str(info.get("ok_cpu_variant"))
+    return str(info["torch_cpu_capability"]).lower()
 
 
 def test_sinkhorn_loss(benchmark, bench_settings, bench_case, mode, provider) -> None:
@@ -90,5 +99,6 @@ def test_sinkhorn_loss(benchmark, bench_settings, bench_case, mode, provider) ->
         eps=shape.eps,
         n_iter=shape.n_iter,
         loss_mean=float(loss.double().mean()),
+        isa=_row_isa(provider),
     )
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
