@@ -222,9 +222,8 @@ class BuildExt(build_ext):
 
 
 #: ISA variants of the CPU module on x86-64: name -> compiler flags. One build holds them all;
-#: optical_kernels/cpu.py chooses at import by CPU feature detection (docs/design.md, CPU
-#: backend). x86-64-v3 = AVX2 + FMA + BMI2 (Haswell / Zen 1 on), x86-64-v4 = AVX-512
-#: F/BW/CD/DQ/VL (Skylake-SP / Zen 4 on).
+#: optical_kernels/cpu.py chooses at import by CPU feature detection. x86-64-v3 = AVX2 + FMA
+#: + BMI2 (Haswell / Zen 1 on), x86-64-v4 = AVX-512 F/BW/CD/DQ/VL (Skylake-SP / Zen 4 on).
 X86_VARIANTS = {
     "base": [],
     "avx2": ["-march=x86-64-v3", "-mtune=generic"],
