@@ -120,6 +120,10 @@ class Provider:
 PROVIDERS: dict[str, Provider] = {}
 
 
+class PeerError(RuntimeError):
+    """A peer library failed on a case it supports (the bench skips that case, with why)."""
+
+
 def register(
     name: str,
     *,
@@ -614,7 +618,7 @@ def _ott_functions(eps: float, n_iter: int, cost: str) -> tuple[Callable, Callab
     differentiation) on a ``PointCloud`` with OTT's own ``Cosine`` (``1 − x̂·ŷ``) or
     ``SqEuclidean`` (``‖x − y‖²``) cost; the loss is ``out.primal_cost`` = ``<P, C>``, its
     gradient OTT's implicit differentiation (lineax NormalCG, ``ridge_kernel=1``: the balanced
-    system's null direction removed, as our ``implicit`` mode does; ``rtol = atol = 1e-4``).
+    system's null direction removed, as our ``implicit`` mode does; ``rtol = atol = 1e-3``).
     ``jax.vmap`` batches the problems, ``jax.jit`` compiles once per (shape, ε, n_iter, cost).
     Problems are independent, so the gradient of the summed loss is every problem's own.
     """
@@ -629,10 +633,12 @@ def _ott_functions(eps: float, n_iter: int, cost: str) -> tuple[Callable, Callab
     cost_fn = costs.Cosine() if cost == "cosine" else costs.SqEuclidean()
     # The balanced implicit system is singular along (1, −1): OTT's own remedy is its
     # `ridge_kernel` term. lineax's default tolerance (1e-6) is below what its NormalCG reaches
-    # in float32 on ~10% of the S1 problems (it then raises "non-finite output"); 1e-4 gives
-    # gradients within 1% of ours on those problems.
+    # in float32 on ~10% of the S1 problems (it then raises "non-finite output"), 1e-4 still
+    # fails on some runs; 1e-3 gives the same gradients as 1e-4 (S1: within 0.2% of ours,
+    # d = 384 and 768). With XLA_FLAGS=--xla_cpu_max_isa=AVX2, S1 d=384 still fails
+    # (reproducibly, also with ridge_identity or symmetric=True): reported as PeerError.
     implicit = implicit_differentiation.ImplicitDiff(
-        solver_kwargs={"ridge_kernel": 1.0, "rtol": 1e-4, "atol": 1e-4}
+        solver_kwargs={"ridge_kernel": 1.0, "rtol": 1e-3, "atol": 1e-3}
     )
     solver = sinkhorn.Sinkhorn(
         min_iterations=n_iter, max_iterations=n_iter, threshold=0.0, implicit_diff=implicit
@@ -665,7 +671,13 @@ class _OttLoss(torch.autograd.Function):
         loss_fn, grad_fn = _ott_functions(eps, n_iter, cost)
         args = [jnp.asarray(t.detach().cpu().numpy()) for t in (x, y, a, b)]
         if ctx.needs_input_grad[0]:
-            (_, v), dx = grad_fn(*args)
+            try:
+                (_, v), dx = grad_fn(*args)
+            except Exception as exc:  # jax.errors.JaxRuntimeError from lineax's checks
+                raise PeerError(
+                    "OTT-JAX's implicit differentiation failed: lineax returned non-finite "
+                    f"output for this batch ({type(exc).__name__})"
+                ) from exc
             ctx.save_for_backward(torch.from_numpy(np.array(dx)).to(x.device))
         else:
             v = loss_fn(*args)

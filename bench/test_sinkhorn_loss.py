@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bench.conftest import isa_info
-from bench.providers import PROVIDERS
+from bench.providers import PROVIDERS, PeerError
 from bench.shapes import make_problem
 
 
@@ -69,7 +69,10 @@ def test_sinkhorn_loss(benchmark, bench_settings, bench_case, mode, provider) ->
     # untimed calls: the first pays for imports/compilation; if it was short, a second one
     # sizes the number of timed rounds (slow providers get min_rounds straight away)
     t0 = time.perf_counter()
-    res = fn()
+    try:
+        res = fn()
+    except PeerError as exc:
+        pytest.skip(f"{provider}: {exc}")
     t1 = time.perf_counter() - t0
     if t1 < bench_settings["max_time"] / bench_settings["min_rounds"]:
         t0 = time.perf_counter()
