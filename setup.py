@@ -1,9 +1,14 @@
 """Native extensions of optical_kernels (package metadata lives in pyproject.toml).
 
-* ``optical_kernels._cpu``  — fused CPU Sinkhorn (csrc/cpu, C++17 + OpenMP + pybind11).
-  Always built. ``-O3 -march=native`` by default; ``OPTICAL_KERNELS_PORTABLE=1`` builds for
-  the generic ISA of the compiler instead (wheels, heterogeneous clusters).
-  ``OPTICAL_KERNELS_SKIP_CPU=1`` installs without it (the ``torch`` backend remains).
+* ``optical_kernels._cpu_<isa>`` — fused CPU Sinkhorn (csrc/cpu, C++17 + OpenMP + pybind11),
+  the same sources compiled once per instruction set: on x86-64 ``_cpu_base`` (the
+  compiler's default ISA, SSE2), ``_cpu_avx2`` (``-march=x86-64-v3``: AVX2 + FMA) and
+  ``_cpu_avx512`` (``-march=x86-64-v4``); elsewhere ``_cpu_base`` only. optical_kernels/cpu.py
+  picks the best one the running CPU supports at import (``OPTICAL_KERNELS_CPU_ISA``
+  overrides), so one wheel runs on every x86 host. ``OPTICAL_KERNELS_CPU_VARIANTS=base,avx2``
+  builds a subset; ``OPTICAL_KERNELS_NATIVE=1`` adds ``_cpu_native`` (``-march=native``,
+  preferred at import when present: only for a build used on the machine that built it).
+  ``OPTICAL_KERNELS_SKIP_CPU=1`` installs without them (the ``torch`` backend remains).
 * ``optical_kernels._cuda`` — CUDA kernels (csrc/cuda/*.cu + csrc/cuda/bindings.cpp, plain
   CUDA + pybind11, no torch headers, cudart linked statically). Built when csrc/cuda exists
   and ``nvcc`` is found (``$CUDA_HOME/bin/nvcc`` or on ``PATH``).
@@ -16,6 +21,7 @@ Sources compile in parallel (``MAX_JOBS``, default: number of CPUs).
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -102,6 +108,14 @@ class BuildExt(build_ext):
                 "(backend='torch' still works)."
             )
         self._cxx_flags, self._ld_flags = self._probe_flags()
+        keep = []
+        for ext in self.extensions:
+            isa = getattr(ext, "_isa_flags", None)
+            if isa and not self._try_compile(isa):
+                _log(f"the compiler rejects {' '.join(isa)}: not building {ext.name}")
+                continue
+            keep.append(ext)
+        self.extensions = keep
         super().build_extensions()
 
     # ------------------------------------------------------------------ probing
@@ -127,14 +141,6 @@ class BuildExt(build_ext):
         if self._try_compile(["-Wno-psabi"]):
             cxx.append("-Wno-psabi")
         ld: list[str] = []
-        if _flag("OPTICAL_KERNELS_PORTABLE"):
-            _log("OPTICAL_KERNELS_PORTABLE=1: generic ISA build (no -march=native)")
-        elif self._try_compile(["-march=native"]):
-            cxx.append("-march=native")
-        elif self._try_compile(["-mcpu=native"]):
-            cxx.append("-mcpu=native")
-        else:
-            _log("the compiler accepts neither -march=native nor -mcpu=native: generic ISA")
         if self._try_compile(["-fopenmp"], ["-fopenmp"]):
             cxx.append("-fopenmp")
             ld.append("-fopenmp")
@@ -191,7 +197,12 @@ class BuildExt(build_ext):
                 [src],
                 output_dir=str(tmp),
                 include_dirs=ext.include_dirs,
-                extra_postargs=[*self._cxx_flags, *ext.extra_compile_args],
+                macros=ext.define_macros,
+                extra_postargs=[
+                    *self._cxx_flags,
+                    *getattr(ext, "_isa_flags", []),
+                    *ext.extra_compile_args,
+                ],
                 depends=[str(h) for h in headers],
             )
             # distutils names the object after the source path; move it where we expect it
@@ -208,6 +219,36 @@ class BuildExt(build_ext):
             extra_postargs=[*([] if is_cuda else self._ld_flags), *ext.extra_link_args],
             target_lang="c++",
         )
+
+
+#: ISA variants of the CPU module on x86-64: name -> compiler flags. One build holds them all;
+#: optical_kernels/cpu.py chooses at import by CPU feature detection. x86-64-v3 = AVX2 + FMA
+#: + BMI2 (Haswell / Zen 1 on), x86-64-v4 = AVX-512 F/BW/CD/DQ/VL (Skylake-SP / Zen 4 on).
+X86_VARIANTS = {
+    "base": [],
+    "avx2": ["-march=x86-64-v3", "-mtune=generic"],
+    "avx512": ["-march=x86-64-v4", "-mtune=generic"],
+}
+
+
+def _cpu_variants() -> list[tuple[str, list[str]]]:
+    """The CPU module variants to build: ``[(isa, extra flags), ...]``."""
+    machine = platform.machine().lower()
+    x86 = machine in ("x86_64", "amd64", "i686", "x86")
+    known = dict(X86_VARIANTS) if x86 else {"base": []}
+    spec = os.environ.get("OPTICAL_KERNELS_CPU_VARIANTS", "").strip()
+    names = [v.strip() for v in spec.split(",") if v.strip()] if spec else list(known)
+    unknown = [v for v in names if v not in known]
+    if unknown:
+        raise RuntimeError(
+            f"OPTICAL_KERNELS_CPU_VARIANTS: unknown {unknown} on {machine}; known: {list(known)}"
+        )
+    out = [(v, known[v]) for v in names]
+    if _flag("OPTICAL_KERNELS_NATIVE"):
+        out.append(("native", ["-march=native"] if x86 else ["-mcpu=native"]))
+    if _flag("OPTICAL_KERNELS_PORTABLE"):
+        _log("OPTICAL_KERNELS_PORTABLE is no longer needed: every build is portable now")
+    return out
 
 
 def _extensions() -> list[Extension]:
@@ -229,14 +270,16 @@ def _extensions() -> list[Extension]:
     if _flag("OPTICAL_KERNELS_SKIP_CPU"):
         _log("OPTICAL_KERNELS_SKIP_CPU=1: not building optical_kernels._cpu")
     elif (ROOT / CPU_DIR).is_dir():
-        exts.append(
-            Extension(
-                "optical_kernels._cpu",
+        for isa, flags in _cpu_variants():
+            ext = Extension(
+                f"optical_kernels._cpu_{isa}",
                 sources=_sources(CPU_DIR, (".cpp",)),
                 include_dirs=[*includes, str(CPU_DIR), "csrc"],
+                define_macros=[("OKC_MODULE", f"_cpu_{isa}"), ("OKC_ISA", f'"{isa}"')],
                 language="c++",
             )
-        )
+            ext._isa_flags = flags  # type: ignore[attr-defined]
+            exts.append(ext)
     if _flag("OPTICAL_KERNELS_SKIP_CUDA"):
         _log("OPTICAL_KERNELS_SKIP_CUDA=1: not building optical_kernels._cuda")
         return exts

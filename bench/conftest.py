@@ -1,9 +1,15 @@
 """pytest configuration of the benchmark suite (``pytest bench/``).
 
-* Every run that times something writes ``bench/results/<date>-<host>.json`` (unless
+* Every run that times something writes ``bench/results/<date>-<host>-<isa>.json`` (unless
   ``--benchmark-json`` is given), with machine info (CPU model, cores, GPU), library versions
   (torch, POT, numpy, triton, python, optical_kernels) and the date added to pytest-benchmark's
-  ``machine_info``. ``python bench/make_table.py`` turns such a file into the README table.
+  ``machine_info``, and the instruction sets used (:func:`isa_info`: the CPU's, our ``cpu``
+  variant, torch's capability). To reproduce an AVX2 host on an AVX-512 one, lower them all::
+
+      OPTICAL_KERNELS_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+      DNNL_MAX_CPU_ISA=AVX2 XLA_FLAGS=--xla_cpu_max_isa=AVX2 pytest bench/
+
+  ``python bench/make_table.py`` turns such a file into the README table.
 * Options: ``--bench-shapes S1,S3`` (default S1), ``--bench-providers torch,pot_batch``
   (default: all registered), ``--bench-modes fwd,fwd_bwd``, ``--bench-max-time`` (seconds of
   timed rounds per case, default 1.0), ``--bench-min-rounds`` (3), ``--bench-max-rounds`` (50).
@@ -75,6 +81,40 @@ def host_kind() -> str:
     return f"cpu{_cores()}c-{_slug(_cpu_model())}"[:60]
 
 
+#: Environment variables that lower the ISA a run uses (to reproduce an AVX2 host on an
+#: AVX-512 one): ours, torch's own kernels, MKL, oneDNN, XLA (OTT-JAX).
+ISA_ENV_VARS = (
+    "OPTICAL_KERNELS_CPU_ISA",
+    "ATEN_CPU_CAPABILITY",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "DNNL_MAX_CPU_ISA",
+    "XLA_FLAGS",
+)
+
+
+def isa_info() -> dict[str, object]:
+    """Which instruction sets this run uses: the CPU's best (``avx512``/``avx2``/``base``), the
+    variant of our ``cpu`` backend, torch's kernel capability, and any ISA-lowering variables."""
+    import torch
+
+    info: dict[str, object] = {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        from optical_kernels import cpu
+
+        info["cpu_supports"] = list(cpu.supported_isas())
+        info["ok_cpu_variant"] = cpu.ISA or None
+    except Exception as exc:  # the bench also runs without our package built
+        info["ok_cpu_variant"] = f"unavailable ({type(exc).__name__})"
+    info["isa_env"] = {k: os.environ[k] for k in ISA_ENV_VARS if os.environ.get(k)}
+    return info
+
+
+def isa_tag() -> str:
+    """Short tag of the ISA a run measures our kernels on (result file names, table rows)."""
+    info = isa_info()
+    return str(info.get("ok_cpu_variant") or info["torch_cpu_capability"]).lower()
+
+
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
@@ -96,6 +136,7 @@ def bench_environment() -> dict[str, object]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        **isa_info(),
     }
     for key, dist in [
         ("pot", "pot"),
@@ -104,6 +145,8 @@ def bench_environment() -> dict[str, object]:
         ("optical_kernels", "optical-kernels"),
         ("geomloss", "geomloss"),
         ("flash_sinkhorn", "flash-sinkhorn"),
+        ("ott_jax", "ott-jax"),
+        ("jax", "jax"),
     ]:
         env[key] = _version(dist)
     return env
@@ -121,7 +164,7 @@ def pytest_configure(config: pytest.Config) -> None:
     ):
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         stamp = _STARTED.strftime("%Y-%m-%d-%H%M")
-        config.option.benchmark_json = RESULTS_DIR / f"{stamp}-{host_kind()}.json"
+        config.option.benchmark_json = RESULTS_DIR / f"{stamp}-{host_kind()}-{isa_tag()}.json"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -70,10 +70,23 @@ def machine_line(run: dict) -> str:
     if not env.get("gpu"):
         where += f" (torch threads {env.get('torch_threads', '?')})"
     vers = [f"torch {env.get('torch')}", f"POT {env.get('pot')}", f"Python {env.get('python')}"]
-    for key, label in [("triton", "triton"), ("geomloss", "GeomLoss"), ("flash_sinkhorn", "FS")]:
+    for key, label in [
+        ("triton", "triton"),
+        ("geomloss", "GeomLoss"),
+        ("flash_sinkhorn", "FS"),
+        ("ott_jax", "OTT-JAX"),
+    ]:
         if env.get(key) and (key != "triton" or env.get("gpu")):
             vers.append(f"{label} {env[key]}")
-    return f"{where}; {', '.join(vers)}; {str(env.get('date', '?'))[:10]}"
+    isa = ""
+    if env.get("ok_cpu_variant") or env.get("torch_cpu_capability"):
+        isa = (
+            f"; ISA: ours `{env.get('ok_cpu_variant')}`, torch {env.get('torch_cpu_capability')}"
+            f" (CPU supports {'/'.join(env.get('cpu_supports') or ['?'])})"
+        )
+        if env.get("isa_env"):
+            isa += ", " + " ".join(f"{k}={v}" for k, v in env["isa_env"].items())
+    return f"{where}; {', '.join(vers)}; {str(env.get('date', '?'))[:10]}{isa}"
 
 
 def table(run: dict, baselines: list[str], loss_rtol: float = 1e-3) -> str:
@@ -83,7 +96,7 @@ def table(run: dict, baselines: list[str], loss_rtol: float = 1e-3) -> str:
     cases: dict[tuple, str] = {}
     for b in run.get("benchmarks", []):
         e = b.get("extra_info", {})
-        if "provider" not in e:
+        if "provider" not in e or "shape" not in e:  # train-step rows: train_table()
             continue
         key = (e["shape"], e["d"], e["mode"])
         rows.setdefault(key, {})[e["provider"]] = {
@@ -95,7 +108,7 @@ def table(run: dict, baselines: list[str], loss_rtol: float = 1e-3) -> str:
         if e["provider"] not in order:
             order.append(e["provider"])
     if not rows:
-        return "_(no benchmark with provider info in this run)_\n"
+        return "_(no solver benchmark in this run)_\n"
     registry = _registry_order()
     seen = list(order)
     rank = {p: (registry.index(p) if p in registry else len(registry), seen.index(p)) for p in seen}
@@ -146,6 +159,28 @@ def table(run: dict, baselines: list[str], loss_rtol: float = 1e-3) -> str:
     return out
 
 
+def train_table(run: dict) -> str:
+    """Markdown table of the distillation-step rows (bench/test_train_step.py), if any."""
+    rows = [
+        (b["extra_info"], b["stats"]["median"])
+        for b in run.get("benchmarks", [])
+        if str(b.get("extra_info", {}).get("provider", "")).startswith("train_step:")
+    ]
+    if not rows:
+        return ""
+    med = {e["provider"].split(":", 1)[1]: t for e, t in rows}
+    lines = [
+        f"\n{rows[0][0].get('case', 'distillation step')} (ISA `{rows[0][0].get('isa')}`):\n",
+        "| step | median (ms) |",
+        "|---|---:|",
+    ]
+    lines += [f"| `{k}` | {_fmt_ms(t)} |" for k, t in med.items()]
+    if "ot_only" in med and "kd+ot" in med:
+        share = med["ot_only"] / med["kd+ot"]
+        lines.append(f"\nOT loss (forward+backward) = {100 * share:.2f}% of a `kd+ot` step.")
+    return "\n".join(lines) + "\n"
+
+
 def replace_readme_section(readme: Path, text: str) -> None:
     """Replace what lies between the bench-table markers of ``readme`` with ``text``."""
     src = readme.read_text()
@@ -168,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parts = []
     for path in runs:
         run = json.loads(path.read_text())
-        parts.append(f"Run `{path.name}`. " + table(run, baselines, args.loss_rtol))
+        parts.append(
+            f"Run `{path.name}`. " + table(run, baselines, args.loss_rtol) + train_table(run)
+        )
     text = "\n".join(parts)
     sys.stdout.write(text)
     if args.readme:

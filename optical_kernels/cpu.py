@@ -1,4 +1,10 @@
-"""The ``cpu`` backend: fused C++ Sinkhorn kernels (``optical_kernels._cpu``, csrc/cpu).
+"""The ``cpu`` backend: fused C++ Sinkhorn kernels (``optical_kernels._cpu_<isa>``, csrc/cpu).
+
+Runtime ISA dispatch: setup.py compiles csrc/cpu once per instruction set (``base``,
+``avx2`` = x86-64-v3, ``avx512`` = x86-64-v4, optionally ``native``); at import the best
+variant the CPU supports is loaded (:func:`supported_isas`), or the one named by
+``OPTICAL_KERNELS_CPU_ISA`` (e.g. ``avx2`` to measure the AVX2 kernels on an AVX-512 host).
+:data:`ISA` names the variant in use; ``backends()["cpu"]["reason"]`` reports it.
 
 Implements the backend contract of :mod:`optical_kernels.config` (``forward``, ``backward``,
 ``is_available``) for CPU tensors in float32 and float64 (float16/bfloat16 are upcast to
@@ -33,18 +39,119 @@ plain log-domain iterations (``LOG_DOMAIN = True``), ~5× in the unrolled revers
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
+import os
 
 import torch
 
 from .config import SolverConfig, SolverOut
 
-try:  # the compiled extension is optional
-    from . import _cpu  # type: ignore[attr-defined]
+#: ISA variants of the compiled module, best first (setup.py builds ``_cpu_<isa>`` for each).
+ISA_VARIANTS = ("native", "avx512", "avx2", "base")
+#: Environment variable forcing one variant (e.g. ``avx2`` on an AVX-512 host, to measure it).
+ISA_ENV = "OPTICAL_KERNELS_CPU_ISA"
+# x86 feature flags (as /proc/cpuinfo names them) each variant's compiler target needs:
+# x86-64-v3 and x86-64-v4 of the x86-64 psABI.
+_X86_NEEDS = {
+    "avx2": ("avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"),
+    "avx512": ("avx2", "fma", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+}
 
-    _IMPORT_ERROR: str | None = None
-except ImportError as exc:  # pragma: no cover - depends on the build
-    _cpu = None
-    _IMPORT_ERROR = str(exc)
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU feature flags the OS reports (Linux ``/proc/cpuinfo``), or ``None``."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def supported_isas() -> tuple[str, ...]:
+    """Variants this CPU can run, best first (``base`` always; ``native`` is not probed).
+
+    Linux: the flags of ``/proc/cpuinfo`` (the kernel clears AVX/AVX-512 flags it does not
+    enable, so they also mean OS support). Elsewhere: torch's own probe,
+    ``torch.backends.cpu.get_cpu_capability()``.
+    """
+    flags = _cpu_flags()
+    if flags is not None:
+        ok = [isa for isa in ("avx512", "avx2") if all(f in flags for f in _X86_NEEDS[isa])]
+    else:
+        cap = torch.backends.cpu.get_cpu_capability()
+        ok = {"AVX512": ["avx512", "avx2"], "AVX2": ["avx2"]}.get(cap, [])
+    return (*ok, "base")
+
+
+def _load_default() -> tuple[object | None, str, str]:
+    """The variant chosen at import: ``(module or None, isa, why this one / import error)``."""
+    forced = os.environ.get(ISA_ENV, "").strip().lower()
+    if forced and forced not in ISA_VARIANTS:
+        return None, "", f"{ISA_ENV}={forced!r}: expected one of {ISA_VARIANTS}"
+    usable = supported_isas()
+    if forced and forced != "native" and forced not in usable:
+        return None, "", (
+            f"{ISA_ENV}={forced}, but this CPU supports only {', '.join(usable)} "
+            "(its instructions would fault)"
+        )
+    order = [forced] if forced else [v for v in ISA_VARIANTS if v == "native" or v in usable]
+    errors = []
+    for isa in order:
+        try:
+            mod = importlib.import_module(f"optical_kernels._cpu_{isa}")
+        except ImportError as exc:
+            errors.append(f"_cpu_{isa}: {exc}")
+            continue
+        if forced:
+            why = f"forced by {ISA_ENV}={forced}; this CPU supports {', '.join(usable)}"
+        else:
+            why = f"best built variant for this CPU (supports {', '.join(usable)})"
+        return mod, isa, why
+    return None, "", "; ".join(errors) or "no variant selected"
+
+
+_cpu, ISA, _WHY = _load_default()
+_IMPORT_ERROR: str | None = None if _cpu is not None else _WHY
+
+
+def built_isas() -> tuple[str, ...]:
+    """The variants present in this installation (importable ``_cpu_<isa>`` modules)."""
+    found = []
+    for isa in ISA_VARIANTS:
+        if importlib.util.find_spec(f"optical_kernels._cpu_{isa}") is not None:
+            found.append(isa)
+    return tuple(found)
+
+
+def set_isa(isa: str | None) -> str:
+    """Switch the backend to variant ``isa`` for the rest of the process (``None``: the
+    automatic choice again); returns the variant now in use.
+
+    For measurements and tests (e.g. the AVX2 kernels on an AVX-512 host). Raises
+    ``ValueError`` for an unknown, unbuilt or unsupported variant.
+    """
+    global _cpu, ISA, _WHY, _IMPORT_ERROR
+    if isa is None:
+        mod, name, why = _load_default()
+    else:
+        if isa not in ISA_VARIANTS:
+            raise ValueError(f"isa must be one of {ISA_VARIANTS} or None, got {isa!r}")
+        if isa != "native" and isa not in supported_isas():
+            raise ValueError(f"isa={isa!r}: this CPU supports only {', '.join(supported_isas())}")
+        try:
+            mod = importlib.import_module(f"optical_kernels._cpu_{isa}")
+        except ImportError as exc:
+            msg = f"isa={isa!r}: optical_kernels._cpu_{isa} is not built ({exc})"
+            raise ValueError(msg) from exc
+        name, why = isa, f"set by optical_kernels.cpu.set_isa({isa!r})"
+    if mod is None:
+        raise ValueError(why)
+    _cpu, ISA, _WHY, _IMPORT_ERROR = mod, name, why, None
+    return ISA
 
 #: Problems with at least this many valid entries (n·m) use all threads on their own.
 PAR_MIN = 1 << 18
@@ -60,10 +167,10 @@ def is_available() -> tuple[bool, str]:
     """``(True, build info)`` when the C++ extension is importable, else ``(False, why)``."""
     if _cpu is None:
         return False, (
-            f"optical_kernels._cpu is not built ({_IMPORT_ERROR}); run `pip install -e .` "
+            f"optical_kernels._cpu_<isa> is not built ({_IMPORT_ERROR}); run `pip install -e .` "
             "with a C++ compiler (g++ or clang with OpenMP) present"
         )
-    return True, f"fused C++ kernels ({_cpu.build_info()})"
+    return True, f"fused C++ kernels, variant {ISA} ({_WHY}; {_cpu.build_info()})"
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:

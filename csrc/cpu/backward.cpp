@@ -23,7 +23,7 @@ struct Backward {
   Problem<T> P;
   Buf<T> Pm, D, Q, al, be, vt, wt, ones, fbar, gbar, gnew, fh, gh, zg, K, KT, Mb, fba, gba, alp,
       bet, tcv, ssv, rvv, wwv, zzv, lam_a, lam_b;
-  Buf<double> dv, Y, Sm;
+  Buf<double> dv, Y, Yt, Sm;
 
   explicit Backward(const BwdArgs& args) : A(args) {}
   void run(int k, bool par, int nt);
@@ -106,22 +106,29 @@ void Backward<T>::implicit_solve(int n, int m, int ld, double kappa, bool balanc
       for (int p = 0; p < N; ++p) Yp[(size_t)p * ldM + q] = (double)src[p] * isq[p];
     }
   }
-  // Lower triangle of S = κ diag(rs) − YᵀY/κ (rank-one updates over the rows of Y), and
-  // rhs = hs − Yᵀ(hb ∘ isq)/κ.
+  // Lower triangle of S = κ diag(rs) − YᵀY/κ, and rhs = hs − Yᵀ(hb ∘ isq)/κ. Row q of YᵀY is
+  // Σ_p Y_pq Y_p,: — a register-blocked column sum over the rows of Y with the weights
+  // Y_:,q (column q of Y, contiguous in Yᵀ), over the columns [0, q] rounded up to a vector
+  // (the rest of the row is never read): the accumulators stay in registers, where
+  // rank-one updates of S would load and store S once per row of Y.
   const double ik = 1.0 / kappa;
-  for (int q = 0; q < M * ldM; ++q) Sp[q] = 0.0;
-  for (int q = 0; q < M; ++q) rhs[q] = hs[q];
-  for (int p = 0; p < N; ++p) {
-    const double* y = Yp + (size_t)p * ldM;
-    const double coef = hb[p] * isq[p] * ik;
-#pragma omp simd
-    for (int q = 0; q < M; ++q) rhs[q] -= coef * y[q];
-    for (int q = 0; q < M; ++q) {
-      const double yq = y[q] * ik;
-      double* srow = Sp + (size_t)q * ldM;
-#pragma omp simd
-      for (int l = 0; l <= q; ++l) srow[l] -= yq * y[l];
-    }
+  constexpr int LD = Simd<double>::L;
+  double* YT = Yt.get((size_t)M * N + N + ldM + 8);  // Yᵀ [M, N], then coef [N], yc [ldM]
+  for (int p = 0; p < N; ++p)
+    for (int q = 0; q < M; ++q) YT[(size_t)q * N + p] = Yp[(size_t)p * ldM + q];
+  for (int q = 0; q < M; ++q) {
+    double* srow = Sp + (size_t)q * ldM;
+    const int c1 = std::min(ldM, round_up(q + 1, LD));
+    colsum(Yp, ldM, N, YT + (size_t)q * N, srow, 0, c1);
+    for (int l = 0; l < c1; ++l) srow[l] *= -ik;
+    for (int l = c1; l < ldM; ++l) srow[l] = 0.0;
+  }
+  {
+    double* coef = YT + (size_t)M * N;
+    double* yc = coef + N;
+    for (int p = 0; p < N; ++p) coef[p] = hb[p] * isq[p] * ik;
+    colsum(Yp, ldM, N, coef, yc, 0, ldM);
+    for (int q = 0; q < M; ++q) rhs[q] = hs[q] - yc[q];
   }
   double rs_sum = 0.0;
   int live = 0;

@@ -88,7 +88,7 @@ void backward(const std::string& dtype, int mode, int B, int n, int m, int64_t C
 }
 
 std::string build_info() {
-  std::string s;
+  std::string s = std::string("variant=") + OKC_ISA + " ";
 #ifdef _OPENMP
   s += "openmp=" + std::to_string(_OPENMP);
 #else
@@ -111,7 +111,16 @@ std::string build_info() {
 
 }  // namespace
 
-PYBIND11_MODULE(_cpu, mod) {
+// setup.py builds these sources once per ISA variant (optical_kernels._cpu_base, _cpu_avx2,
+// _cpu_avx512, ...): OKC_MODULE names the module, OKC_ISA the variant.
+#ifndef OKC_MODULE
+#define OKC_MODULE _cpu
+#endif
+#ifndef OKC_ISA
+#define OKC_ISA "unnamed"
+#endif
+
+PYBIND11_MODULE(OKC_MODULE, mod) {
   mod.doc() = "optical_kernels fused CPU Sinkhorn kernels (raw pointers; see optical_kernels/cpu.py)";
   mod.def("forward", &forward,
           "Batched Sinkhorn forward (scaling form with absorption) into caller buffers.",
@@ -133,4 +142,6 @@ PYBIND11_MODULE(_cpu, mod) {
           py::arg("direct_max") = 384, py::arg("num_threads") = 1,
           py::arg("par_min") = 1 << 18, py::arg("log_only") = 0);
   mod.def("build_info", &build_info, "Compiler options the module was built with.");
+  mod.attr("ISA") = OKC_ISA;
+  mod.attr("SIMD_BYTES") = okc::kVecBytes;
 }

@@ -1,8 +1,12 @@
 // Portable fixed-width SIMD (GCC/Clang vector extensions) and fast vectorised exp/log.
 //
-// One vector is 64 bytes (16 floats or 8 doubles). With -march=native on an AVX-512 host this
-// is one zmm register; on AVX2 the compiler splits it into two ymm registers, on SSE2 into
-// four xmm registers, on NEON into four q registers: the same source serves every ISA.
+// One vector is one hardware register of the ISA the translation unit is compiled for:
+// 64 bytes (16 floats, one zmm) with AVX-512, 32 bytes (8 floats, one ymm) with AVX/AVX2,
+// 16 bytes (4 floats: xmm / NEON q) otherwise. setup.py compiles the same sources once per
+// ISA (optical_kernels._cpu_base / _cpu_avx2 / _cpu_avx512); OKC_VEC_BYTES overrides the
+// width (measurement only). A vector wider than the registers (the former fixed 64 bytes on
+// AVX2) is split by the compiler into register pairs: every loop blocked for 32 zmm
+// registers then needs twice the registers it has, and spills.
 //
 // exp: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, then a minimax polynomial
 // (Cephes expf, ~1 ulp) for float and a degree-13 Taylor polynomial (< 1 ulp) for double;
@@ -15,16 +19,29 @@
 #include <cstdint>
 #include <cstring>
 
+#ifndef OKC_VEC_BYTES
+#if defined(__AVX512F__)
+#define OKC_VEC_BYTES 64
+#elif defined(__AVX__)
+#define OKC_VEC_BYTES 32
+#else
+#define OKC_VEC_BYTES 16
+#endif
+#endif
+
 namespace okc {
+
+// Bytes of one SIMD vector of this build.
+constexpr int kVecBytes = OKC_VEC_BYTES;
 
 template <class T>
 struct Simd;
 
 template <>
 struct Simd<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
-  static constexpr int L = 16;
+  typedef float V __attribute__((vector_size(OKC_VEC_BYTES)));
+  typedef int32_t I __attribute__((vector_size(OKC_VEC_BYTES)));
+  static constexpr int L = OKC_VEC_BYTES / 4;
 
   static inline V load(const float* p) {
     V v;
@@ -100,9 +117,9 @@ struct Simd<float> {
 
 template <>
 struct Simd<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef int64_t I __attribute__((vector_size(64)));
-  static constexpr int L = 8;
+  typedef double V __attribute__((vector_size(OKC_VEC_BYTES)));
+  typedef int64_t I __attribute__((vector_size(OKC_VEC_BYTES)));
+  static constexpr int L = OKC_VEC_BYTES / 8;
 
   static inline V load(const double* p) {
     V v;
