@@ -10,7 +10,7 @@ For each case (shape, d, fwd or fwd_bwd) and provider it prints the median time 
 over each baseline *measured in the same run* (``baseline median / provider median``; ``> 1×``
 means faster than the baseline). A provider whose mean loss differs from the first baseline's
 by more than ``--loss-rtol`` is flagged with ``†`` (same objective only). When the run has the
-``gemm_floor`` provider, a last column gives each time divided by that floor (DESIGN §7).
+``gemm_floor`` provider, a last column gives each time divided by that floor (docs/design.md §7).
 """
 
 from __future__ import annotations

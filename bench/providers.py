@@ -7,7 +7,7 @@ A provider computes, for a padded batch of problems, the per-problem OT loss::
 * ``x`` [B, n, d], ``y`` [B, m, d] point sets (any float dtype, any device);
 * ``x_mask`` [B, n], ``y_mask`` [B, m] bool validity masks, or ``None`` (all valid);
 * uniform weights over the valid points, cost ``cosine`` (``1 − x̂·ŷ``), ``sqeuclidean``
-  (``‖x − y‖²``) or ``dot`` (``−x·y``) as in DESIGN §2;
+  (``‖x − y‖²``) or ``dot`` (``−x·y``) as in docs/design.md §2;
 * exactly ``n_iter`` Sinkhorn iterations with ε = ``eps`` (no early stopping);
 * the returned loss is differentiable w.r.t. ``x`` (and ``y``); for providers with
   ``objective="linear"`` it is ``<P, C>``, the OPTICAL loss; a problem with no valid point on a
@@ -187,7 +187,7 @@ def uniform_weights(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def cost_matrix(x: torch.Tensor, y: torch.Tensor, cost: str) -> torch.Tensor:
-    """Differentiable cost matrix [B, n, m] of DESIGN §2, computed with plain torch ops.
+    """Differentiable cost matrix [B, n, m] of docs/design.md §2, computed with plain torch ops.
 
     * ``cosine``: ``1 − x̂_i·ŷ_j`` with ``x̂ = x / max(‖x‖, 1e-8)``;
     * ``sqeuclidean``: ``‖x_i − y_j‖²`` (no ½), expanded after centring both sets on a common
@@ -212,9 +212,12 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor, cost: str) -> torch.Tensor:
 # ours: optical_kernels.sinkhorn_loss with a given backend
 # ----------------------------------------------------------------------------------------------
 
-# Extra keywords of sinkhorn_loss that force one Triton kernel family. Fill these in once the
-# Triton backend exposes such a switch; until then triton_resident / triton_streaming are
-# skipped and the plain `triton` provider (the backend's own choice) is benchmarked.
+# Extra keywords of sinkhorn_loss that force one Triton kernel family. The backend's switch is
+# the environment variable OPTICAL_KERNELS_TRITON_KERNEL (optical_kernels/triton/launch.py),
+# read at every forward and backward call, not a keyword: to time one family, run the plain
+# `triton` provider under it, e.g. `OPTICAL_KERNELS_TRITON_KERNEL=streaming pytest bench/
+# --bench-providers triton`. triton_resident / triton_streaming stay skipped until a keyword
+# exists (a per-provider override would have to hold through the harness's backward call).
 TRITON_KERNEL_KWARGS: dict[str, dict[str, object] | None] = {
     "resident": None,
     "streaming": None,
@@ -261,7 +264,10 @@ def _triton_kernel_check(kind: str) -> Callable[[torch.device], tuple[bool, str]
 
     def check(device: torch.device) -> tuple[bool, str]:
         if TRITON_KERNEL_KWARGS[kind] is None:
-            return False, f"no switch forcing the {kind} kernel yet (bench/providers.py)"
+            return False, (
+                f"no keyword forcing the {kind} kernel: run the `triton` provider under "
+                f"OPTICAL_KERNELS_TRITON_KERNEL={kind} (bench/providers.py)"
+            )
         return base(device)
 
     return check
@@ -335,8 +341,8 @@ def _pot_batch(
 
     POT's batched log-domain Sinkhorn runs ``u ← log a − LSE_j(−C/ε + v)``,
     ``v ← log b − LSE_i(−C/ε + u)`` from ``u = v = 0``: with ``u = log a + f/ε`` and
-    ``v = log b + g/ε`` this is the map of DESIGN §2 (same plan after every iteration). It has no
-    masks: padded entries get weight 0 and a cost ``max C + 200 ε`` so that they carry no mass
+    ``v = log b + g/ε`` this is the map of docs/design.md §2 (same plan after every
+    iteration). It has no masks: padded entries get weight 0 and a cost ``max C + 200 ε`` so that they carry no mass
     even in the first half-step (where ``v = 0``, not ``log 0``). ``tol = 0`` never stops early
     (POT tests ``err < tol``). Returns ``value_linear = <P, C>``.
     """
@@ -385,7 +391,7 @@ def pot_batch(
     cost: str,
 ) -> torch.Tensor:
     """POT's batched solver; gradient by autodiff through the iterations (exact for the
-    iterations run, DESIGN §3 ``unrolled``): POT documents ``grad='envelope'`` as giving
+    iterations run, docs/design.md §3 ``unrolled``): POT documents ``grad='envelope'`` as giving
     gradients of ``value`` only, not of ``value_linear``."""
     return _pot_batch(x, y, x_mask, y_mask, eps=eps, n_iter=n_iter, cost=cost, grad="autodiff")
 
@@ -452,8 +458,8 @@ def pot_loop(
 
 @register(
     "gemm_floor",
-    description="the unavoidable cost GEMMs alone (DESIGN §7): forward C = x·yᵀ, backward G·y; "
-    "not a solver (its 'loss' is a fixed linear function of C)",
+    description="the unavoidable cost GEMMs alone (docs/design.md §7): forward C = x·yᵀ, "
+    "backward G·y; not a solver (its 'loss' is a fixed linear function of C)",
 )
 def gemm_floor(
     x: torch.Tensor,
@@ -472,7 +478,7 @@ def gemm_floor(
 
 
 # ----------------------------------------------------------------------------------------------
-# GPU peers (DESIGN §7): entropic objective only, compare timings not values
+# GPU peers (docs/design.md §7): entropic objective only, compare timings not values
 # ----------------------------------------------------------------------------------------------
 
 

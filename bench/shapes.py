@@ -1,4 +1,4 @@
-"""Benchmark shapes of DESIGN §7 and the random problems the benchmarks solve.
+"""Benchmark shapes of docs/design.md §7 and the random problems the benchmarks solve.
 
 Every shape uses the OPTICAL setting unless it says otherwise: cosine cost, ε = 0.05,
 ``max_iter = 100`` and ``tol = 0`` so that every solver runs exactly 100 iterations.

@@ -5,7 +5,7 @@
 2. The per-problem loss ``<P, C>`` and its gradient w.r.t. the student embeddings ``x`` are
    compared with POT (``ot.sinkhorn2(method="sinkhorn_log")`` per problem, autodiff through
    the converged iterations).
-3. The OPTICAL training step of DESIGN §7 S1 (B=64, n=m=32, d=384, fp32, cosine, ε=0.05,
+3. The OPTICAL training step of docs/design.md §7 S1 (B=64, n=m=32, d=384, fp32, cosine, ε=0.05,
    100 iterations, forward+backward) is timed against POT's batched solver and POT's loop.
 
 Run from the repository root: ``python -m bench.showcase`` (``--quick`` for a smaller timing).
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU backend in use: {_backend_in_use()}")
     print("\n1-2. ragged batch solved and checked against POT")
     passed = check_against_pot()
-    print("\n3. timing against POT (DESIGN §7, S1)")
+    print("\n3. timing against POT (docs/design.md §7, S1)")
     if args.quick:
         time_against_pot(B=16, repeats=2)
     else:

@@ -1,4 +1,4 @@
-"""GPU benchmark of DESIGN §7 shapes S2, S3, S4: ours (backend='triton') against the peers.
+"""GPU benchmark of docs/design.md §7 shapes S2, S3, S4: ours (backend='triton') against the peers.
 
 A standalone, budgeted runner (``scripts/gpu_check.sh`` calls it on the device machine)::
 
@@ -18,7 +18,7 @@ short; median and min are reported, with the peak CUDA memory of one call above 
 
 Providers come from ``bench/providers.py`` (torch reference, POT ``solve_batch``, GeomLoss
 tensorized, FlashSinkhorn) plus our variants: ``triton`` (defaults), ``triton[scaling]``
-(scaling form of DESIGN §5), ``triton[tf32x3]`` (fp32 dots on tensor cores),
+(scaling form of docs/design.md §5), ``triton[tf32x3]`` (fp32 dots on tensor cores),
 ``triton[lowp_bwd]`` (16-bit backward products) — they exist to pick defaults by measurement.
 Our providers run with ``OPTICAL_KERNELS_CHECK_INPUTS=0`` (the documented opt-out of the
 input finiteness check, which synchronises with the host).
@@ -54,7 +54,7 @@ from bench.shapes import make_problem  # noqa: E402
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark problem (DESIGN §7): cosine, ε = 0.05, 100 iterations unless stated."""
+    """One benchmark problem (docs/design.md §7): cosine, ε = 0.05, 100 iterations unless stated."""
 
     shape: str
     B: int

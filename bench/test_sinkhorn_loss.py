@@ -1,4 +1,4 @@
-"""Benchmarks of the OPTICAL loss ``sinkhorn_loss`` (DESIGN §7) against POT and peers.
+"""Benchmarks of the OPTICAL loss ``sinkhorn_loss`` (docs/design.md §7) against POT and peers.
 
 Each case times one provider (bench/providers.py) on one shape and feature dimension, either
 the forward pass (``fwd``: per-problem losses, inputs without gradient) or forward+backward

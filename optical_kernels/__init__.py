@@ -1,6 +1,6 @@
 """optical_kernels: fused entropic optimal transport losses between token embeddings.
 
-Public names (DESIGN §4): :func:`sinkhorn_loss`, :class:`SinkhornLoss`, :func:`solve`,
+Public names (docs/design.md §4): :func:`sinkhorn_loss`, :class:`SinkhornLoss`, :func:`solve`,
 :func:`solve_sample`, :func:`cost_matrix`, :class:`OTResult`, :func:`backends`,
 :class:`ConvergenceWarning`.
 """

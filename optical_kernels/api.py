@@ -1,6 +1,6 @@
-"""Public API (DESIGN §4): argument checking, weight/mask normalisation, backend dispatch.
+"""Public API (docs/design.md §4): argument checking, weight/mask normalisation, backend dispatch.
 
-Conventions (DESIGN §2, KL convention as GeomLoss and OTT). For problem k with points
+Conventions (docs/design.md §2, KL convention as GeomLoss and OTT). For problem k with points
 x [n, d], y [m, d], weights a [n], b [m] (uniform over valid points by default, renormalised to
 sum 1 for balanced problems) and cost ``C``, the entropic problem is::
 

@@ -1,4 +1,4 @@
-"""Backend registry: lazy import, availability, and the ``auto`` choice (DESIGN §5)."""
+"""Backend registry: lazy import, availability, and the ``auto`` choice (docs/design.md §5)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ and hands each backend:
   problems; a problem whose ``a`` or ``b`` sums to 0 is *empty*;
 * a :class:`SolverConfig`.
 
-The iteration map (DESIGN §2) that all backends compute, per problem, with
+The iteration map (docs/design.md §2) that all backends compute, per problem, with
 ``λ_t = ρ/(ρ+ε_t)`` (``λ_t = 1`` when ``rho is None``)::
 
     f = 0, g = 0, active = not empty
@@ -47,12 +47,13 @@ Backend functions (see :mod:`optical_kernels.reference` for the oracle)::
     backward(C, a, b, out, grad_value, grad_value_linear, cfg) -> dL/dC  [B, n, m]
 
 ``backward`` returns ``grad_value[k] * ∂value_k/∂C + grad_value_linear[k] *
-∂value_linear_k/∂C`` with the derivative chosen by ``cfg.grad`` (DESIGN §3): ``envelope``
+∂value_linear_k/∂C`` with the derivative chosen by ``cfg.grad`` (docs/design.md §3): ``envelope``
 uses ``P`` for both, ``implicit`` is exact at the fixed point (for ``value`` this is ``P`` by
 Danskin's theorem), ``unrolled`` differentiates the iterations actually run, from
 ``out.history``.
 
-Backends that fuse the cost into the solver (Triton, CUDA, CPU) may also provide::
+Backends that fuse the cost into the solver (Triton, CUDA; the CPU backend does not, it
+implements the given-cost functions only) may also provide::
 
     forward_sample(x, y, a, b, cost, cfg) -> SolverOut
     backward_sample(x, y, a, b, cost, out, grad_value, grad_value_linear, cfg, need_dy)

@@ -1,4 +1,4 @@
-"""Ground costs between point sets and their chain rules (DESIGN §2-§3), in one place.
+"""Ground costs between point sets and their chain rules (docs/design.md §2-§3), in one place.
 
 ``C = cost_matrix(x, y, cost)`` for x [B, n, d], y [B, m, d] (or unbatched [n, d], [m, d]):
 

@@ -11,7 +11,7 @@ Implements the backend contract of :mod:`optical_kernels.config` (``forward``, `
 float32). The C++ module receives raw data pointers, sizes and element strides; this wrapper
 checks the inputs, allocates every output with torch and calls into C++ with the GIL released.
 
-How it computes the same map as the reference (DESIGN §2, §5):
+How it computes the same map as the reference (docs/design.md §2, §5):
 
 * OpenMP over problems (one problem per thread); a problem with ``n·m ≥ PAR_MIN`` valid
   entries runs alone with its matrix-vector products split over all threads.
@@ -22,7 +22,7 @@ How it computes the same map as the reference (DESIGN §2, §5):
   changes (ε-scaling half-steps run in the log domain) or when a sum leaves the safe
   floating-point range (that half-step is then redone in the log domain). The stopping error
   ``Σ_i |a_i u_i (K̃ b∘v)_i − a_i|`` is fused into the next f-step.
-* ``backward``: ``envelope`` → ``(gv + gl) P``; ``implicit`` → the DESIGN §3 system solved
+* ``backward``: ``envelope`` → ``(gv + gl) P``; ``implicit`` → the docs/design.md §3 system solved
   exactly through its Schur complement on the smaller side (float64 Cholesky, null space
   removed by a rank-one term; extra null directions of a plan whose support splits into
   blocks at tiny ε are dropped) for ``min(n, m) ≤ DIRECT_MAX``, else Jacobi-PCG as the

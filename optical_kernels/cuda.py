@@ -5,7 +5,7 @@ Implements the backend contract of :mod:`optical_kernels.config` for CUDA tensor
 ``backward_sample`` and ``is_available``. Larger problems raise ``ValueError``; the API routes
 them to another backend.
 
-One thread block per problem (DESIGN §5, resident kernel):
+One thread block per problem (docs/design.md §5, resident kernel):
 
 * the cost tile ``C`` [n, m] lives in shared memory for the whole solve (copied from ``C``, or
   computed as ``x yᵀ`` on tensor cores — 3xTF32 for float32 points, native MMA for
@@ -19,7 +19,7 @@ One thread block per problem (DESIGN §5, resident kernel):
 * per-problem convergence every ``check_every`` iterations (``err < tol`` with the L1
   row-marginal error), ε-scaling and unbalanced damping exactly as :mod:`optical_kernels.config`;
 * backward: ``envelope`` ``(gv + gl) P``; ``implicit`` Jacobi-preconditioned CG on the
-  DESIGN §3 system on chip (restricted to valid entries; unbalanced problems use
+  docs/design.md §3 system on chip (restricted to valid entries; unbalanced problems use
   ``κ = 1 + ε/ρ`` on the diagonal, as the ``cpu`` backend); ``unrolled`` replays the stored
   potentials ``history = (hist_f [T, B, n], hist_g [T, B, m])`` in reverse; ``*_sample``
   finish with the chain rule ``dx``, ``dy`` (tensor-core products ``G ŷ``, ``Gᵀ x̂``).
@@ -551,7 +551,7 @@ def backward(
 ) -> Tensor:
     """``∂(Σ_k gv_k value_k + gl_k value_linear_k)/∂C`` [B, n, m] for ``cfg.grad``.
 
-    ``envelope``: ``(gv + gl) P``. ``implicit``: ``gv P + gl ∂<P*, C>/∂C`` (DESIGN §3, CG on
+    ``envelope``: ``(gv + gl) P``. ``implicit``: ``gv P + gl ∂<P*, C>/∂C`` (docs/design.md §3, CG on
     chip; for unbalanced problems, which the reference does not implement, the diagonal of H
     carries ``κ = 1 + ε/ρ`` as in the ``cpu`` backend). ``unrolled``: reverse replay of
     ``out.history``; without a history only the direct partials at the final potentials

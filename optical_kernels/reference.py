@@ -4,9 +4,9 @@ Readable batched PyTorch, float32 and float64, CPU or GPU. It implements the bac
 contract of :mod:`optical_kernels.config` exactly; every other backend is tested against it,
 and it is itself tested against POT in float64.
 
-* :func:`forward`  — log-domain Sinkhorn (DESIGN §2) with per-problem convergence.
+* :func:`forward`  — log-domain Sinkhorn (docs/design.md §2) with per-problem convergence.
 * :func:`backward` — ``∂L/∂C`` for ``envelope``, ``implicit`` (batched preconditioned CG on
-  the DESIGN §3 system, restricted to valid entries) and ``unrolled`` (reverse pass over the
+  the docs/design.md §3 system, restricted to valid entries) and ``unrolled`` (reverse pass over the
   stored potentials, recomputing the softmax weights: memory O(B·T·(n+m)) plus one
   [B, n, m] work buffer, never [B, n, m] per iteration). No autograd graph of the loop is
   ever built.
@@ -232,7 +232,7 @@ def backward(
 def implicit_linear_grad(
     C: torch.Tensor, P: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig
 ) -> torch.Tensor:
-    """Exact ``∂<P*(C), C>/∂C`` at the fixed point (DESIGN §3), via batched Jacobi-PCG::
+    """Exact ``∂<P*(C), C>/∂C`` at the fixed point (docs/design.md §3), via batched Jacobi-PCG::
 
         H = [[κ diag(P1), P], [Pᵀ, κ diag(Pᵀ1)]],   H [u; v] = [(P∘C)1; (P∘C)ᵀ1]
         ∂L/∂C_ij = P_ij (1 + (u_i + v_j − C_ij)/ε)

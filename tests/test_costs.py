@@ -1,5 +1,5 @@
-"""Cost matrices (DESIGN §2) against their direct definitions, and the chain rules of
-``costs.cost_vjp`` (DESIGN §3) against autograd."""
+"""Cost matrices (docs/design.md §2) against their direct definitions, and the chain rules of
+``costs.cost_vjp`` (docs/design.md §3) against autograd."""
 
 from __future__ import annotations
 

@@ -128,7 +128,7 @@ def test_small_eps_large_costs_no_nan() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_tiny_eps_gradients_finite(dtype: torch.dtype) -> None:
-    """ε = 1e-4 × cost range (DESIGN §2 limit): the plan's support graph splits into blocks
+    """ε = 1e-4 × cost range (docs/design.md §2 limit): the plan's support graph splits into blocks
     (more null directions in the implicit system); every output stays finite and the
     gradients match the reference evaluated at the same potentials."""
     C, a, b = make_batch(6, 40, 30, dtype, seed=1, scale=1.0)

@@ -470,7 +470,7 @@ def _with_limit(p: object, limit: int) -> object:
 
 
 def test_no_nan_tiny_eps_and_far_costs(target: str) -> None:
-    """ε = 1e-4 x cost range and costs ~1e3 away from 0: finite everything (DESIGN §2)."""
+    """ε = 1e-4 x cost range and costs ~1e3 away from 0: finite everything (docs/design.md §2)."""
     dtype = torch.float32
     P = _problem(3, 12, 9, 4, dtype, seed=6, device=target, empty=(0,))
     C = (P["C"] * 50.0 + 1000.0) * (P["C"] != 0)

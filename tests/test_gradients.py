@@ -1,4 +1,4 @@
-"""Gradient modes of the reference: gradcheck (fp64) and finite differences (DESIGN §3)."""
+"""Gradient modes of the reference: gradcheck (fp64) and finite differences (docs/design.md §3)."""
 
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ def test_envelope_is_exact_for_entropic():
 
 
 def test_envelope_is_only_approximate_for_linear():
-    """DESIGN §3: the envelope gradient of <P, C> is not the true gradient."""
+    """docs/design.md §3: the envelope gradient of <P, C> is not the true gradient."""
     with pytest.raises(AssertionError):
         _fd_check("linear", "envelope", rel=1e-3)
 

@@ -1,4 +1,4 @@
-"""Memory of the gradient modes (DESIGN §3): ``envelope`` and ``implicit`` keep nothing that
+"""Memory of the gradient modes (docs/design.md §3): ``envelope`` and ``implicit`` keep nothing that
 grows with the iteration count; ``unrolled`` keeps ``O(B · iters · (n + m))`` potentials and
 never ``(B, n, m)`` per iteration.
 

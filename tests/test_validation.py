@@ -1,4 +1,4 @@
-"""Bad inputs raise ``ValueError``/``TypeError`` naming the argument (DESIGN §4).
+"""Bad inputs raise ``ValueError``/``TypeError`` naming the argument (docs/design.md §4).
 
 Everything runs on the ``torch`` backend, CPU, with tiny problems.
 """

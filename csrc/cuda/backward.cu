@@ -1,4 +1,4 @@
-// Resident backward kernel (DESIGN §3, §5): one block per problem. Rebuilds the cost tile and
+// Resident backward kernel (docs/design.md §3, §5): one block per problem. Rebuilds the cost tile and
 // P from (f, g), forms G = dL/dC on chip in the work tile W according to the gradient mode
 //   envelope : G = (gv + gl) P
 //   implicit : G = gv P + gl P (1 + (u_i + v_j - C_ij)/eps),  H [u; v] = [(P∘C)1; (P∘C)^T 1]

@@ -1,4 +1,4 @@
-// Resident forward kernel (DESIGN §5): one block of 256 threads per problem, the cost tile
+// Resident forward kernel (docs/design.md §5): one block of 256 threads per problem, the cost tile
 // built once on chip (copied, or x y^T on tensor cores), every Sinkhorn iteration on chip,
 // per-problem convergence test, potentials / values / n_iters / err written once.
 // Also: make_plan (shared-memory layout of every launch) and the forward launcher.

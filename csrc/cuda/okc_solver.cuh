@@ -1,4 +1,4 @@
-// Device building blocks of the forward solve (DESIGN §2, config.py iteration map), shared by
+// Device building blocks of the forward solve (docs/design.md §2, config.py iteration map), shared by
 // the forward and backward kernels: cost-tile loading, the error and value passes.
 #pragma once
 

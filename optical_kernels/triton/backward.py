@@ -2,7 +2,7 @@
 
 One program per problem. It rebuilds the cost tile (given, or fused from x, y exactly as the
 forward did), the plan ``P = a⊗b·exp((f⊕g − C)/ε)`` from the returned potentials, and forms
-``G = gv·∂value/∂C + gl·∂value_linear/∂C`` by the mode of DESIGN §3 (constexpr ``MODE``):
+``G = gv·∂value/∂C + gl·∂value_linear/∂C`` by the mode of docs/design.md §3 (constexpr ``MODE``):
 
 * 0 ``envelope``: ``G = (gv + gl)·P``.
 * 1 ``implicit``: ``G = gv·P + gl·P∘(1 + (u_i + v_j − C_ij)/ε)`` with ``[u; v]`` solving
@@ -17,7 +17,7 @@ forward did), the plan ``P = a⊗b·exp((f⊕g − C)/ε)`` from the returned po
 
       Ḡ += λ_t Q^g∘ḡ,  f̄ −= λ_t Q^g ḡ,   Ḡ += λ_t Q^f∘f̄,  ḡ = −λ_t Q^fᵀ f̄,  f̄ = 0
 
-Cost chain rule (DESIGN §3, as :func:`optical_kernels.costs.cost_vjp`), per d-chunk, with
+Cost chain rule (docs/design.md §3, as :func:`optical_kernels.costs.cost_vjp`), per d-chunk, with
 ``G·y`` and ``Gᵀ·x`` on tensor cores (fp32 operands unless ``LOWP``):
 
 * cosine: ``∂L/∂x_i = (−Σ_j G_ij ŷ_j + s_i x̂_i)/max(‖x_i‖, 1e-8)`` with

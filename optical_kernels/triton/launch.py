@@ -1,14 +1,16 @@
 """Launch settings of the Triton kernels, chosen in one place.
 
-Everything that is a *tuning* decision (tile sizes, warps, pipeline stages, dot precision,
-which iteration form, which kernel family) lives here, so that a GPU measurement changes one
-line and not a kernel. Environment variables override the defaults without code changes (the
-GPU bench uses them to compare variants in one run):
+The tuning decisions of the kernel choice (which kernel family, which iteration form, dot
+precision, warps and stages of the resident kernels) live here, so that a GPU measurement
+changes one line and not a kernel; the streaming kernels' tile sizes are still chosen by
+``Tiles`` in ``streaming.py`` (to move here with the split of that file, issue 8).
+Environment variables override the defaults without code changes (the GPU bench uses them to
+compare variants in one run):
 
 * ``OPTICAL_KERNELS_TRITON_KERNEL`` = ``auto`` (default) | ``resident`` | ``streaming``:
   force a kernel family (``resident`` still refuses tiles above :data:`RESIDENT_MAX`).
 * ``OPTICAL_KERNELS_TRITON_FORM`` = ``log`` (default) | ``scaling``: iteration form of the
-  resident solver (DESIGN §5). ``log`` is the default until a GPU measurement favours
+  resident solver (docs/design.md §5). ``log`` is the default until a GPU measurement favours
   ``scaling`` (no GPU was available when this was written: nothing here is measured).
 * ``OPTICAL_KERNELS_TRITON_DOT`` = ``ieee`` (default) | ``tf32x3`` | ``tf32``: precision of
   ``tl.dot`` on **fp32** inputs. ``ieee`` is exact fp32 (CUDA cores); ``tf32x3`` is ~fp32

@@ -6,13 +6,13 @@ iteration of the map of :mod:`optical_kernels.config` on chip, tests its own con
 ``check_every`` iterations and writes f, g, value, value_linear, n_iters, err (and, for the
 unrolled gradient, the potentials of every iteration). No host synchronisation.
 
-Numerics (DESIGN §2): everything is computed in base 2 (``exp2``/``log2``, one FMA fewer per
+Numerics (docs/design.md §2): everything is computed in base 2 (``exp2``/``log2``, one FMA fewer per
 entry) in the accumulation dtype ``ACC`` (fp32; fp64 for fp64 inputs). Every exponential is
 shifted by its row/column maximum; padded rows/columns carry ``log2 w = NEG`` (a finite
 −1e30, so no ``inf − inf``) and their cost entries are replaced by 0, so garbage there can
 never leak into a valid entry.
 
-Two iteration forms behind one interface (constexpr ``SCALING``, DESIGN §5):
+Two iteration forms behind one interface (constexpr ``SCALING``, docs/design.md §5):
 
 * log domain (default):  with ``k = log2(e)/ε_t``, ``L_i = LSE2_j[log2 b_j + (g_j − C_ij)k]``::
 

@@ -1,4 +1,4 @@
-"""Streaming Triton kernels for large problems (DESIGN §5, "Streaming kernel"), any n, m.
+"""Streaming Triton kernels for large problems (docs/design.md §5, "Streaming kernel"), any n, m.
 
 Flash-style: every pass is one launch with one program per (row block, problem) that loops
 over column tiles, recomputing the cost tile on the fly — from points (``x·yᵀ`` on ``tl.dot``
@@ -12,7 +12,7 @@ rows ``i`` of one side and the columns ``j`` of the other (weights ``w``, potent
 
     z_ij = log2 w_j + (h_j − C_ij)·K,           K = log2(e)/ε_t
     L_i  = ln 2 · log2 Σ_j 2^{z_ij}              (online max/sum in the exp2 domain)
-    MODE 0:  out_i = −λ_t ε_t L_i                (the f- or g-update of DESIGN §2)
+    MODE 0:  out_i = −λ_t ε_t L_i                (the f- or g-update of docs/design.md §2)
     MODE 1:  out_i = L_i,  out2_i = Σ_j 2^{z_ij} C_ij / Σ_j 2^{z_ij}   (softmax-mean cost)
 
 The column half-step is the same kernel on the transposed problem (x↔y, a↔b, f↔g, strides
@@ -23,7 +23,7 @@ needed: ``p_i + q_j − K C_ij ≤ 0`` up to rounding for plans and softmax weig
 
     E_ij = 2^{p_i + q_j − K C_ij},   G_ij = E_ij · (α_i + β_j + γ C_ij)   (absent terms: G = E)
     OUT_SUM:  s1_i = Σ_j G_ij,  s2_i = Σ_j G_ij C_ij (S2=1) or Σ_j E_ij (S2=2)
-    OUT_GRAD: dx_i (+)= Σ_j G_ij ∂C_ij/∂x_i      (DESIGN §3 chain rule, G·y on tl.dot)
+    OUT_GRAD: dx_i (+)= Σ_j G_ij ∂C_ij/∂x_i      (docs/design.md §3 chain rule, G·y on tl.dot)
     OUT_G:    G tile (+)= stored into a dense ∂L/∂C (given-C backward)
     POST:     G_ij = post_i E_ij / Σ_j E_ij (softmax weights renormalised in the same arithmetic;
               the unrolled reverse pass of the sample path), applied after the loop
@@ -908,7 +908,7 @@ def _backward(
     cfg: SolverConfig,
     need_dy: bool,
 ) -> _Sink:
-    """G = ∂L/∂C per ``cfg.grad`` streamed into a :class:`_Sink` (DESIGN §3)."""
+    """G = ∂L/∂C per ``cfg.grad`` streamed into a :class:`_Sink` (docs/design.md §3)."""
     dt = prob.dtype
     B, n = prob.B, prob.n
     gv = grad_value.to(dt).reshape(B)

@@ -3,8 +3,8 @@
 Marked ``gpu``; skipped without a CUDA device. ``OK_GPU_DRYRUN=1`` runs the same code on CPU
 under ``TRITON_INTERPRET=1`` with tiny sizes (checks the tests themselves, not the GPU).
 
-Covers DESIGN §7 shapes S2 (B=256, n=m=64, d=768, fp32 and bf16) and S3 (B=128, ragged lengths
-in [4, 128]), both iteration forms, every gradient mode, fp64 gradcheck through the public
+Covers docs/design.md §7 shapes S2 (B=256, n=m=64, d=768, fp32 and bf16) and S3 (B=128, ragged
+lengths in [4, 128]), both iteration forms, every gradient mode, fp64 gradcheck through the public
 API, no host synchronisation in the backend calls, and ``torch.compile`` over the custom ops.
 Tolerances as tests/test_triton.py: forward 1e-5, gradients 1e-4 (normwise relative).
 """
