@@ -343,8 +343,8 @@ def _pot_batch(
     ``v ← log b − LSE_i(−C/ε + u)`` from ``u = v = 0``: with ``u = log a + f/ε`` and
     ``v = log b + g/ε`` this is the map of docs/design.md §2 (same plan after every
     iteration). It has no masks: padded entries get weight 0 and a cost ``max C + 200 ε`` so
-    that they carry no mass even in the first half-step (where ``v = 0``, not ``log 0``). ``tol = 0`` never stops early
-    (POT tests ``err < tol``). Returns ``value_linear = <P, C>``.
+    that they carry no mass even in the first half-step (where ``v = 0``, not ``log 0``).
+    ``tol = 0`` never stops early (POT tests ``err < tol``). Returns ``value_linear = <P, C>``.
     """
     import ot
 
