@@ -24,7 +24,7 @@ from . import backends as _backends
 from . import numerics as _num
 from .config import GRAD_MODES, SolverConfig, SolverOut
 from .convergence import warn_if_unconverged
-from .costs import COSTS, centre, cost_matrix
+from .costs import COSTS, centre, check_point_shapes, cost_matrix
 from .ops import run
 from .result import OTResult
 
@@ -205,17 +205,7 @@ def _weights(
 def _points(x: object, y: object) -> tuple[torch.Tensor, torch.Tensor, bool]:
     x = _float_tensor("x", x, check_finite=False)  # checked through C (or below, if fused)
     y = _float_tensor("y", y, check_finite=False)
-    if x.dim() not in (2, 3) or y.dim() != x.dim():
-        raise ValueError(
-            "x and y must both be [n, d] / [m, d] or both [B, n, d] / [B, m, d]; got shapes "
-            f"{tuple(x.shape)} and {tuple(y.shape)}"
-        )
-    if x.shape[-1] != y.shape[-1]:
-        raise ValueError(
-            f"feature dimension mismatch: x has d={x.shape[-1]}, y has d={y.shape[-1]}"
-        )
-    if x.dim() == 3 and x.shape[0] != y.shape[0]:
-        raise ValueError(f"batch size mismatch: x has B={x.shape[0]}, y has B={y.shape[0]}")
+    check_point_shapes(x, y)
     if x.device != y.device:
         raise ValueError(f"device mismatch: x is on {x.device}, y is on {y.device}")
     if x.dtype != y.dtype:  # promote like torch losses (F.mse_loss); .to keeps each grad's dtype

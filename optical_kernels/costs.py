@@ -33,16 +33,15 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return torch.where(norm < NORM_FLOOR, 0.0, x / norm.clamp_min(NORM_FLOOR))
 
 
-def _check_points(x: object, y: object) -> None:
-    """TypeError/ValueError naming the argument for what :func:`cost_matrix` cannot take."""
+def check_point_shapes(x: torch.Tensor, y: torch.Tensor) -> None:
+    """ValueError naming the argument unless x, y are [n, d], [m, d] or [B, n, d], [B, m, d]
+    with one feature dimension d and one batch size B (shared by the API and
+    :func:`cost_matrix`)."""
     for name, t in (("x", x), ("y", y)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
         if t.dim() not in (2, 3):
             raise ValueError(
-                f"{name} must be [n, d] or [B, n, d] points, got shape {tuple(t.shape)}"
+                f"{name} must be [n, d] or [B, n, d] points (x and y both unbatched or both "
+                f"batched), got shape {tuple(t.shape)}"
             )
     if x.dim() != y.dim():
         raise ValueError(
@@ -55,6 +54,16 @@ def _check_points(x: object, y: object) -> None:
         )
     if x.dim() == 3 and x.shape[0] != y.shape[0]:
         raise ValueError(f"batch size mismatch: x has B={x.shape[0]}, y has B={y.shape[0]}")
+
+
+def _check_points(x: object, y: object) -> None:
+    """TypeError/ValueError naming the argument for what :func:`cost_matrix` cannot take."""
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    check_point_shapes(x, y)
     if x.dtype != y.dtype:
         raise TypeError(f"dtype mismatch: x is {x.dtype}, y is {y.dtype}")
 
