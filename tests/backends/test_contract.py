@@ -530,3 +530,14 @@ def test_zero_size(backend: Backend, sizes: tuple[int, int]) -> None:
         assert res["dx"].shape == P.x.shape and res["dy"].shape == P.y.shape
         assert res["value"].shape == (2,)
 
+
+
+def test_batch_of_zero_problems(backend: Backend) -> None:
+    """B = 0: values of shape [0], gradients of the inputs' (empty) shapes."""
+    z = lambda *shape, dt=torch.float64: torch.zeros(shape, dtype=dt)  # noqa: E731
+    P = Problem(z(0, 4, 5), z(0, 3, 5), z(0, 4, dt=torch.bool), z(0, 3, dt=torch.bool),
+                z(0, 4), z(0, 3), z(0))  # fmt: skip
+    for cost in ("cosine", "matrix"):
+        res = solve(backend, P, cost, "linear", "implicit", None, max_iter=20, tol=0.0)
+        assert res["value"].shape == (0,) and res["f"].shape == (0, 4) and res["g"].shape == (0, 3)
+        assert res["dx"].shape == P.x.shape and res["dy"].shape == P.y.shape
