@@ -515,13 +515,15 @@ def solve_sample(
         if objective == "divergence":
             out_xx, _ = _solve_points(name, fused, x, x, xv, xv, aw, aw, cost, cfg)
             out_yy, _ = _solve_points(name, fused, y, y, yv, yv, bw, bw, cost, cfg)
+            nonempty = xv.any(1) & yv.any(1)
             value = _divergence(out, out_xx, out_yy, aw, bw, cfg)
-            value = torch.where(xv.any(1) & yv.any(1), value, 0.0)  # empty: 0, no gradient
-            errs += [out_xx.err, out_yy.err]
-            # report the worst of the three solves (the self-solves can converge far slower)
-            worst = [torch.stack([o.n_iters for o in (out, out_xx, out_yy)]).amax(0),
-                     torch.stack(errs).amax(0)]  # fmt: skip
-            out = out._replace(n_iters=worst[0], err=worst[1])
+            value = torch.where(nonempty, value, 0.0)  # empty: 0, no gradient
+            # report the worst of the three solves (the self-solves can converge far slower);
+            # an empty problem reports n_iters = 0, err = 0 even if one self-solve had points
+            errs = [torch.where(nonempty, e, 0.0) for e in (out.err, out_xx.err, out_yy.err)]
+            iters = torch.stack([o.n_iters for o in (out, out_xx, out_yy)]).amax(0)
+            out = out._replace(n_iters=torch.where(nonempty, iters, 0),
+                               err=torch.stack(errs).amax(0))  # fmt: skip
     res = _result(out, value, cfg, aw, bw, C, unbatched)
     warn_if_unconverged(errs, cfg, cost)
     if C is None:  # fused backend: plan() recomputes C on demand
