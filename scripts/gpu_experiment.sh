@@ -6,7 +6,7 @@
 # Runs `python -m optical_kernels.distill.experiment --cell A --budget gpu` (every arm, the
 # learning-rate search on dev, 3 seeds, the full Bible test set and the UDHR languages;
 # optical_kernels/distill/experiment.py states the budget) under a time box, then copies the
-# results (experiment.json / .md, every run's result.json and history.json, the log) to $OUT
+# results (experiment.json / experiment_table.md, every run's result.json and history.json, the log) to $OUT
 # when it is set. The runner is resumable: a second call continues where the time box cut
 # the first one (finished runs are skipped), as long as --out (GPU_EXP_OUT) survives.
 #
@@ -47,7 +47,7 @@ echo "gpu_experiment: exit status $RC (124: the time box ended it; call again to
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/gpu-experiment"
   cp "$LOG" "$OUT/gpu-experiment/" 2>/dev/null
-  cp "$RUNS"/experiment.json "$RUNS"/experiment.md "$OUT/gpu-experiment/" 2>/dev/null
+  cp "$RUNS"/experiment.json "$RUNS"/experiment_table.md "$OUT/gpu-experiment/" 2>/dev/null
   (cd "$RUNS" && find . \( -name result.json -o -name history.json \) -print0 \
      | tar --null -cf - -T - 2>/dev/null) | tar -xf - -C "$OUT/gpu-experiment" 2>/dev/null
 fi

@@ -19,7 +19,8 @@ Plan (:func:`plan_runs`), for one cell:
    values, bootstrap intervals over queries) and paired differences of every arm against
    KD-cosine and of OT (each ε) against the max-similarity control
    (:func:`optical_kernels.distill.results.make_difference`), written to ``--results``
-   (``docs/experiment.json``) and rendered to ``<results>.md`` with ``render_markdown``.
+   (``docs/experiment.json``) and rendered to ``docs/experiment_table.md`` with
+   ``render_markdown`` (:func:`table_path`).
 
 Every run lives in ``<out>/<cell>/<arm>/lr<lr>-seed<seed>/``; a run is **finished** when its
 exported ``model/`` (with its SHA-256 manifest) and ``result.json`` (its per-query values)
@@ -34,17 +35,21 @@ a no-grad pass of MiniLM, about a tenth of an e5-small training step).
 
 Budgets (:data:`BUDGETS`), one shared by every arm:
 
-* ``cpu`` — 120 steps × 16 pairs (1,920 pairs, 7% of an epoch), train length 128, 3 learning
-  rates. Arithmetic: 8 arms × (3 + 2) = 40 runs × 120 steps = 4,800 e5-small steps; at the
-  ~2.6 CPU-s per 16 × 64 step measured for the demo (see demo.MEASURED: ~1.3 s wall on an
-  idle 2-core CPU), ×1.3 for length 128 (Bible verses average ~45 e5 tokens, so padding to
-  128 is rarely reached) ≈ 1.7 s wall per step → 8,100 s ≈ 2.3 h, of which evaluation is
-  ~10 min (24 final runs × ~5,300 e5 encodes at 256 plus 40 dev pools of 500). This is an
-  estimate from the demo's measurement, not a measured run: the full experiment has **not**
-  been run.
-* ``gpu`` — 300 steps × 32 pairs (9,600 pairs, 36% of an epoch; 5× the CPU budget's pairs),
-  same grid and seeds, for scripts/gpu_experiment.sh on one H200: 12,000 steps at an assumed
-  ~25 ms per e5-small step of 32 × 128 tokens (bf16) ≈ 5 min plus ~1 min of evaluation.
+* ``cpu`` — 50 steps × 16 pairs (800 pairs, 3% of an epoch), train length 128, 3 learning
+  rates, input embeddings frozen (96 M of e5-small's 118 M parameters are its 250 k-piece
+  vocabulary; training them costs +75% per step, demo.MEASURED). Arithmetic from the
+  demo's measurements on this 2-core host (CPU-s, upper bounds: measured under load): an
+  e5-small step at 16 × 64 costs 4.4 CPU-s with OT, 2.2 with KD-cosine, ~3.4 averaged over
+  the 8 arms, ~4.8 at length 128 (batches pad to their longest verse, ~1.4× the 64-token
+  cost) → 40 runs × 50 steps × 4.8 ≈ 9,600 CPU-s; evaluation: 24 final runs × (3,230 test
+  verses + 2,056 UDHR paragraphs at 256 + 500 dev) ≈ 24 × 215 ≈ 5,200 CPU-s, + 16 dev-only
+  evaluations ≈ 200 → ~15,000 CPU-s ≈ 2.1 h on two cores. A reduced budget: the students
+  see 800 pairs each; it measures early training, not converged students. The full
+  experiment has **not** been run.
+* ``gpu`` — 300 steps × 32 pairs (9,600 pairs, 36% of an epoch; 12× the CPU budget's
+  pairs), same grid, seeds and frozen embeddings, for scripts/gpu_experiment.sh on one
+  H200: 12,000 steps at an assumed ~20 ms per e5-small step of 32 × 128 tokens (bf16)
+  ≈ 4 min, + ~3 s of set-up per run (2 min) + ~1 min of evaluation.
   The step time is an assumption, not a measurement: the script has not been run.
 * ``tiny`` — 2 steps × 4 pairs, 2 learning rates, 2 arms (tests only).
 """
@@ -92,10 +97,11 @@ class Budget:
     eval_max_length: int = 256
     dev_pool: int = 500
     warmup: float = 0.1
+    freeze_embeddings: bool = True
 
 
 BUDGETS: dict[str, Budget] = {
-    "cpu": Budget(steps=120, batch_size=16),
+    "cpu": Budget(steps=50, batch_size=16),
     "gpu": Budget(steps=300, batch_size=32),
     "tiny": Budget(steps=2, batch_size=4, lrs=(1e-3, 1e-2), arms=("ot-eps0.05", "kd-cosine"),
                    seeds=(0, 1), train_max_length=16, eval_max_length=16, dev_pool=8),
@@ -239,7 +245,8 @@ def _train_one(run: Run, setting: Setting, budget: Budget, out: Path, cache: Tea
     cuda = torch.cuda.is_available()
     cfg = TrainOptions(loss=spec["loss"], steps=budget.steps, batch_size=budget.batch_size,
                        lr=run.lr, warmup=budget.warmup, seed=run.seed, ckpt_every=0,
-                       save_limit=1, bf16=cuda or cpu_has_native_bf16(), progress=progress)
+                       save_limit=1, bf16=cuda or cpu_has_native_bf16(), progress=progress,
+                       freeze_embeddings=budget.freeze_embeddings)
     ot = OTOptions(eps=spec["eps"]) if "eps" in spec else None
     folder = run.folder(out)
     student = setting.make_student(budget.train_max_length)
@@ -363,10 +370,17 @@ def collect(setting: Setting, budget: Budget, out: str | os.PathLike[str],
     return rows, diffs
 
 
+def table_path(path: str | os.PathLike[str]) -> Path:
+    """``docs/experiment.json`` -> ``docs/experiment_table.md`` (not ``experiment.md``: that
+    is the protocol document)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_table.md")
+
+
 def write_outputs(rows: list[dict], diffs: list[dict], path: str | os.PathLike[str],
                   meta: dict) -> Path:
-    """``docs/experiment.json`` (:func:`results.write_results`) and ``<path>.md`` (the tables
-    the README shows, :func:`results.render_markdown` / ``render_differences``)."""
+    """``docs/experiment.json`` (:func:`results.write_results`) and :func:`table_path` (the
+    tables the README shows, :func:`results.render_markdown` / ``render_differences``)."""
     from .results import render_differences, render_markdown, write_results
 
     path = Path(path)
@@ -375,7 +389,7 @@ def write_outputs(rows: list[dict], diffs: list[dict], path: str | os.PathLike[s
     md = render_markdown(rows, groups=groups)
     if diffs:
         md += "\n" + render_differences([d for d in diffs if not d["group"].startswith("lang:")])
-    path.with_suffix(".md").write_text(md)
+    table_path(path).write_text(md)
     return path
 
 
@@ -451,7 +465,7 @@ def main(argv=None) -> int:
     if rows:
         p = write_outputs(rows, diffs, args.results, {"cell": args.cell, "budget": asdict(budget),
                                                       "budget_name": args.budget})
-        print(f"wrote {p} and {p.with_suffix('.md')} ({len(rows)} rows)")
+        print(f"wrote {p} and {table_path(p)} ({len(rows)} rows)")
     print(f"runs trained {done['trained']}, skipped (finished) {done['skipped']}")
     return 0
 

@@ -73,7 +73,8 @@ def test_tiny_experiment_runs_selects_and_resumes(toy_mod, tmp_path):
     assert diffs and all(d["baseline"] == ex.BASELINE for d in diffs)
     path = ex.write_outputs(rows, diffs, tmp_path / "experiment.json", {"budget": "tiny"})
     assert len(read_results(path)) == len(rows)
-    assert "ot-eps0.05" in path.with_suffix(".md").read_text()
+    assert "ot-eps0.05" in ex.table_path(path).read_text()
+    assert ex.table_path(path).name == "experiment_table.md"  # never the protocol document
 
 
 def test_plan_counts_and_dry_run(tmp_path, capsys):
