@@ -419,6 +419,9 @@ def real_setting(cell: str, cache_dir: str | None, budget: Budget,
     else:
         teacher = student_model("e5-small", cache_dir, budget.train_max_length,
                                 device).eval().requires_grad_(False)
+        # In training the teacher reads the English column without a prompt (the trainer's
+        # prompt goes to the foreign column only); evaluate its documents the same way.
+        teacher.default_prompt_name = None
     return Setting(cell, lambda n: student_model("e5-small", cache_dir, n, device), teacher,
                    train, dev, sets)
 
