@@ -1,6 +1,7 @@
 # optical_kernels: developer commands.
 #
-#   make demo       OPTICAL distillation on Chichewa-English bitext: OT vs KD students, retrieval table
+#   make demo       smoke test (one seed, <=10 min CPU): OT vs KD-cosine, cell A, table with intervals
+#   make experiment the full protocol of docs/experiment.md for cell A (resumable; ~2 h on 2 CPU cores)
 #   make showcase   short showcase: ragged batch solved, checked against POT, timed against POT
 #   make test       the test suite (Triton kernels run under TRITON_INTERPRET=1 on CPU)
 #   make bench      pytest-benchmark suite (bench/), writes bench/results/<date>-<host>.json
@@ -43,7 +44,7 @@ STAMP_TORCH := $(VENV)/.stamp-torch
 STAMP_INSTALL := $(VENV)/.stamp-install
 STAMP_RUFF := $(VENV)/.stamp-ruff
 
-.PHONY: help install test bench lint demo showcase gpu-check clean distclean
+.PHONY: help install test bench lint demo experiment showcase gpu-check clean distclean
 
 help:
 	@sed -n 's/^#   \(make .*\)/\1/p' $(firstword $(MAKEFILE_LIST))
@@ -87,6 +88,11 @@ showcase: $(STAMP_INSTALL)
 
 demo: $(STAMP_INSTALL)
 	$(PY) -m optical_kernels.distill.demo
+
+# EXPERIMENT_ARGS, e.g. "--cell B" or "--dry-run"
+EXPERIMENT_ARGS ?=
+experiment: $(STAMP_INSTALL)
+	$(PY) -m optical_kernels.distill.experiment $(EXPERIMENT_ARGS)
 
 lint: $(STAMP_RUFF)
 	$(PY) -m ruff check .

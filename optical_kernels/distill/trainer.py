@@ -43,7 +43,7 @@ HISTORY_NAME = "history.json"
 OPTIONS_NAME = "options.json"
 # Options that do not change the trajectory: they may differ on resume.
 _FREE_ON_RESUME = frozenset({"eval_every", "eval_pool", "ckpt_every", "save_limit", "progress"})
-LOSSES = ("ot", "kd", "kd-cosine", "kd-contrastive", "ot+kd")
+LOSSES = ("ot", "kd", "kd-cosine", "kd-contrastive", "ot+kd", "maxsim")
 # Files without which an engine checkpoint cannot resume exactly.
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
 
@@ -60,11 +60,12 @@ def _h(text: str, **kw: Any) -> Any:
 class TrainOptions:
     """Training options (the ``distill`` command's training arguments)."""
 
-    loss: Literal["ot", "kd", "kd-cosine", "kd-contrastive", "ot+kd"] = _h(
+    loss: Literal["ot", "kd", "kd-cosine", "kd-contrastive", "ot+kd", "maxsim"] = _h(
         "ot: token-level OT (OPTICAL); kd: MSE of sentence embeddings (MSELoss, "
         "make_multilingual); kd-cosine: 1 - cos; kd-contrastive: in-batch InfoNCE "
         "(MultipleNegativesRankingLoss, student foreign vs teacher English); ot+kd: OT + "
-        "kd_weight x MSE", default="ot")
+        "kd_weight x MSE; maxsim: token-level soft max-similarity (BERTScore-style, no "
+        "transport), the non-OT control", default="ot")
     kd_weight: float = _h("weight of the MSE term in ot+kd", default=1.0)
     steps: int = _h("optimizer steps", default=1000)
     batch_size: int = _h("global batch: sentence pairs per optimizer step, all processes "
@@ -248,7 +249,11 @@ def make_loss(name: str, student: Any, teacher: Any, ot: Any = None,
               kd_weight: float = 1.0) -> Any:
     """The sentence-transformers loss module of ``name`` (one of :data:`LOSSES`)."""
     from optical_kernels.distill.losses import OTOptions
-    from optical_kernels.integrations.sentence_transformers import OPTICALLoss, TeacherKDLoss
+    from optical_kernels.integrations.sentence_transformers import (
+        OPTICALLoss,
+        SoftMaxSimLoss,
+        TeacherKDLoss,
+    )
 
     if name not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {name!r}")
@@ -256,6 +261,8 @@ def make_loss(name: str, student: Any, teacher: Any, ot: Any = None,
         kw = (ot or OTOptions()).kwargs()
         return OPTICALLoss(student, teacher, kd_weight=kd_weight if name == "ot+kd" else 0.0,
                            **kw)
+    if name == "maxsim":
+        return SoftMaxSimLoss(student, teacher)
     kind = {"kd": "mse", "kd-cosine": "cosine", "kd-contrastive": "contrastive"}[name]
     return TeacherKDLoss(student, teacher, kind)
 

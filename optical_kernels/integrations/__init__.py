@@ -4,7 +4,8 @@ Importing this package is free: each integration module imports its library only
 imported itself (``optical_kernels.integrations.sentence_transformers`` needs the optional
 ``sentence-transformers`` dependency, ``pip install 'optical-kernels[distill]'``).
 
-Names (resolved lazily): :class:`OPTICALLoss`, :class:`TeacherKDLoss`, :func:`content_mask`
+Names (resolved lazily): :class:`OPTICALLoss`, :class:`TeacherKDLoss`, :class:`SoftMaxSimLoss`,
+:func:`content_mask`
 from :mod:`optical_kernels.integrations.sentence_transformers`.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 _EXPORTS = {
     "OPTICALLoss": "sentence_transformers",
     "TeacherKDLoss": "sentence_transformers",
+    "SoftMaxSimLoss": "sentence_transformers",
     "content_mask": "sentence_transformers",
 }
 

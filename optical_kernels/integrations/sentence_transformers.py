@@ -45,6 +45,7 @@ from torch import Tensor, nn
 import optical_kernels
 
 KD_KINDS = ("mse", "cosine", "contrastive")
+MAXSIM_TEMPERATURE = 0.05
 
 
 def content_mask(features: dict[str, Any], tokenizer: Any) -> Tensor:
@@ -266,3 +267,69 @@ class TeacherKDLoss(_TeacherLoss):
     def get_config_dict(self) -> dict[str, Any]:
         """The loss options."""
         return {"kind": self.kind, **({"scale": self.scale} if self.kind == "contrastive" else {})}
+
+
+class SoftMaxSimLoss(_TeacherLoss):
+    """Token-level non-OT control: a BERTScore-style soft max-similarity loss.
+
+    Each content token of the student's foreign sentence is matched to the teacher's English
+    content tokens by a softmax over cosine similarities (temperature ``temperature``; as it
+    goes to 0 this is BERTScore's greedy max-similarity matching), and vice versa:
+
+    ``P = mean_i sum_j softmax_j(S_ij / t) S_ij``, ``R = mean_j sum_i softmax_i(S_ij / t) S_ij``,
+    ``L = 1 - (P + R) / 2`` per sentence pair, averaged over the batch,
+
+    with ``S`` the cosine matrix of the student's and the teacher's token embeddings. It uses
+    the same token states and the same content mask (special, padding and prompt tokens
+    excluded, :func:`content_mask`) as ``OPTICALLoss`` but no transport plan (no marginal
+    constraints): the difference between the two isolates what the *transport* adds. (No
+    library ships it as a training loss — bert-score computes the metric without gradients —
+    so it is written here.)
+
+    Args:
+        model: the student ``SentenceTransformer``.
+        teacher: the teacher ``SentenceTransformer`` (frozen; may use another tokenizer).
+        temperature: softmax temperature > 0, in cosine units.
+    """
+
+    def __init__(self, model: SentenceTransformer, teacher: SentenceTransformer, *,
+                 temperature: float = MAXSIM_TEMPERATURE):
+        super().__init__(model, teacher)
+        if not (isinstance(temperature, int | float) and temperature > 0):
+            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        s_dim, t_dim = model.get_embedding_dimension(), teacher.get_embedding_dimension()
+        if s_dim != t_dim:
+            raise ValueError(f"model embeddings have {s_dim} features but the teacher's have "
+                             f"{t_dim}: token similarity needs the same width")
+        self.temperature = float(temperature)
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]],
+                labels: Tensor | None = None) -> Tensor:
+        """Scalar loss of one batch (mean over its sentence pairs; a pair without content
+        tokens on either side contributes 0)."""
+        foreign, english = self._columns(sentence_features)
+        t = self.teacher_output(english)
+        s = self.model(foreign)
+        xm = content_mask(foreign, self.tokenizer)
+        ym = t["content_mask"].to(xm.device)
+        with torch.autocast(device_type=xm.device.type, enabled=False):
+            x = F.normalize(s["token_embeddings"].float(), dim=-1)
+            y = F.normalize(t["token_embeddings"].float(), dim=-1)
+            sim = torch.einsum("bid,bjd->bij", x, y)
+            pair = xm[:, :, None] & ym[:, None, :]
+            logits = (sim / self.temperature).masked_fill(~pair, float("-inf"))
+            # rows/columns without any valid partner: softmax of all -inf is NaN; zero them
+            w_p = torch.nan_to_num(torch.softmax(logits, dim=2), nan=0.0)
+            w_r = torch.nan_to_num(torch.softmax(logits, dim=1), nan=0.0)
+            s_masked = sim.masked_fill(~pair, 0.0)
+            nx = xm.sum(1).clamp(min=1)
+            ny = ym.sum(1).clamp(min=1)
+            prec = ((w_p * s_masked).sum(2) * xm).sum(1) / nx
+            rec = ((w_r * s_masked).sum(1) * ym).sum(1) / ny
+            valid = (xm.any(1) & ym.any(1)).float()
+            loss = (1.0 - 0.5 * (prec + rec)) * valid
+        return loss.mean()
+
+    def get_config_dict(self) -> dict[str, Any]:
+        """The loss options."""
+        return {"temperature": self.temperature}

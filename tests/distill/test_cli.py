@@ -214,3 +214,14 @@ def test_top_level_help_does_not_import_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert out.stdout.strip().endswith("False"), out.stderr
+
+
+def test_demo_smoke_pool_is_fixed_and_spread_over_the_split():
+    from optical_kernels.distill import demo
+
+    items = list(range(3230))
+    pool = demo.smoke_pool(items, 1000)
+    assert len(pool) == 1000 == len(set(pool)) and pool[0] == 0 and pool[-1] == 3229
+    assert max(b - a for a, b in zip(pool, pool[1:])) <= 4  # no long stretch (one book) left out
+    assert pool == demo.smoke_pool(items, 1000)
+    assert demo.smoke_pool(items[:10], 1000) == items[:10]

@@ -136,3 +136,51 @@ def test_import_optical_kernels_does_not_import_sentence_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.split() == ["False", "True"]
+
+
+def _maxsim_reference(x, y, xm, ym, t):
+    """Loop over pairs on the content tokens only (BERTScore-style soft P/R)."""
+    out = []
+    for b in range(x.shape[0]):
+        xs, ys = x[b][xm[b]], y[b][ym[b]]
+        if len(xs) == 0 or len(ys) == 0:
+            out.append(x.new_zeros(()))
+            continue
+        s = F.normalize(xs, dim=-1) @ F.normalize(ys, dim=-1).T
+        p = (torch.softmax(s / t, dim=1) * s).sum(1).mean()
+        r = (torch.softmax(s / t, dim=0) * s).sum(0).mean()
+        out.append(1 - (p + r) / 2)
+    return torch.stack(out).mean()
+
+
+def test_soft_maxsim_loss_matches_its_definition_on_content_tokens(models, pairs):
+    from optical_kernels.integrations.sentence_transformers import SoftMaxSimLoss
+
+    student, teacher = models
+    feats = _batch(models, pairs[:6])
+    feats[0]["input_ids"][2, 1] = 0  # one sentence with a single content token fewer
+    loss = SoftMaxSimLoss(student, teacher, temperature=0.1)
+    got = loss(feats, None)
+    x = student(dict(feats[0]))["token_embeddings"]
+    with torch.no_grad():
+        y = teacher(dict(feats[1]))["token_embeddings"]
+    want = _maxsim_reference(x, y, content_mask(feats[0], student.tokenizer),
+                             content_mask(feats[1], teacher.tokenizer), 0.1)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None for p in student.parameters())
+    with pytest.raises(ValueError, match="temperature"):
+        SoftMaxSimLoss(student, teacher, temperature=0)
+
+
+def test_soft_maxsim_empty_sentence_contributes_zero_not_nan(models):
+    from optical_kernels.integrations.sentence_transformers import SoftMaxSimLoss
+
+    student, teacher = models
+    feats = [_features(student, ["dog eht", "ni"]), _features(student, ["god the", "in"])]
+    feats[0]["attention_mask"][1, 1:] = 0  # only special tokens left in the second sentence
+    loss = SoftMaxSimLoss(student, teacher)(feats, None)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
