@@ -368,7 +368,7 @@ def _solve_points_raw(
         return run(backend_name, cfg, x=xs, y=ys, cost=cost, a=a, b=b), None
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     C = _masked_cost(x, y, x_valid, y_valid, cost, work)
-    if cfg.rho is not None:
+    if cfg.rho is not None or cost == "cosine":  # cosine: C ∈ [0, 2] already, no shift needed
         return run(backend_name, cfg, C=C, a=a, b=b), C
     # balanced: solve on C − k, k the mid-range per problem (exact, as in solve(); the solver
     # then sees |C| ≤ R/2, so ε ≥ 1e-4 R is never below the rounding of the costs)

@@ -89,7 +89,7 @@ def unshift(
 
 def _max_norm(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """max ‖t_i‖ over the valid rows of each problem [B] (float64)."""
-    norms = torch.linalg.vector_norm(t.detach().double(), dim=-1)
+    norms = torch.linalg.vector_norm(t.detach(), dim=-1, dtype=torch.float64)
     return torch.where(valid, norms, 0.0).amax(-1) if norms.shape[-1] else norms.new_zeros(0)
 
 
@@ -107,10 +107,10 @@ def point_cost_scale(
     :func:`dot_shift`, and with ``self_solves`` (divergence) −min C covers OT(x,x), OT(y,y))."""
     if x.numel() == 0 or y.numel() == 0 or x.shape[0] == 0:
         return 0.0, 0.0, 0.0
+    if cost == "cosine":  # C ∈ [0, 2] whatever the points: no pass over x, y (the S1 hot path)
+        return 2.0, 0.0, 0.0
     nx, ny = _max_norm(x, x_valid), _max_norm(y, y_valid)
     top = float(torch.maximum(nx, ny).max())
-    if cost == "cosine":
-        return 2.0, 0.0, top
     if cost == "sqeuclidean":
         return float(((nx + ny) ** 2).max()), 0.0, top
     prod = float((torch.maximum(nx, ny).square() if self_solves else nx * ny).max())
