@@ -368,14 +368,33 @@ def _solve_points_raw(
         return run(backend_name, cfg, x=xs, y=ys, cost=cost, a=a, b=b), None
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     C = _masked_cost(x, y, x_valid, y_valid, cost, work)
-    if cfg.rho is not None or cost == "cosine":  # cosine: C ∈ [0, 2] already, no shift needed
+    if cost == "cosine":  # C ∈ [0, 2] already: no shift needed
         return run(backend_name, cfg, C=C, a=a, b=b), C
-    # balanced: solve on C − k, k the mid-range per problem (exact, as in solve(); the solver
-    # then sees |C| ≤ R/2, so ε ≥ 1e-4 R is never below the rounding of the costs)
     valid = x_valid[:, :, None] & y_valid[:, None, :]
-    k = _num.constant_shift(C, valid).to(work)
-    out = run(backend_name, cfg, C=torch.where(valid, C - k[:, None, None], 0.0), a=a, b=b)
-    return _num.unshift(out, k.double(), x_valid, y_valid), C
+    return _run_shifted(backend_name, cfg, C, a, b, valid), C
+
+
+def _run_shifted(
+    backend_name: str,
+    cfg: SolverConfig,
+    C: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    valid: torch.Tensor,
+    check: bool = False,
+) -> SolverOut:
+    """Solve on a given cost C [B, n, m] (0 at padded entries). Balanced problems are solved on
+    ``C − k``, ``k`` the per-problem mid-range (an exact invariance, see
+    :func:`optical_kernels.numerics.constant_shift`; the solver then sees |C| ≤ R/2, so
+    ε ≥ 1e-4 R is never below the rounding of the costs) and ``k`` is added back. ``check``:
+    the ε / unbalanced-mass checks of :func:`optical_kernels.numerics.check_cost_problem` on
+    the cost as solved."""
+    k = _num.constant_shift(C, valid).to(C.dtype) if cfg.rho is None else None
+    Cs = C if k is None else torch.where(valid, C - k[:, None, None], 0.0)
+    if check and _check_finite_enabled(C):
+        _num.check_cost_problem(Cs, valid, cfg)
+    out = run(backend_name, cfg, C=Cs.contiguous(), a=a, b=b)
+    return out if k is None else _num.unshift(out, k.double(), a > 0, b > 0)
 
 
 def _masked_cost(
@@ -582,14 +601,7 @@ def solve(
         name, _ = _backend_name(backend, C.device, C.dtype)
         valid = (aw > 0)[:, :, None] & (bw > 0)[:, None, :]
         Cw = torch.where(valid, C.to(work), 0.0).contiguous()
-        # balanced: solve on C − k (k = mid-range per problem, an exact invariance; see numerics)
-        shift = _num.constant_shift(Cw, valid).to(work) if cfg.rho is None else None
-        Cs = Cw if shift is None else torch.where(valid, Cw - shift[:, None, None], 0.0)
-        if _check_finite_enabled(Cw):
-            _num.check_cost_problem(Cs if shift is not None else Cw, valid, cfg)
-        out = run(name, cfg, C=Cs.contiguous(), a=aw, b=bw)
-        if shift is not None:
-            out = _num.unshift(out, shift.double(), aw > 0, bw > 0)
+        out = _run_shifted(name, cfg, Cw, aw, bw, valid, check=True)
         value = out.value_linear if objective == "linear" else out.value
     warn_if_unconverged([out.err], cfg, None)
     return _result(out, value, cfg, aw, bw, Cw, unbatched)
