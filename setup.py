@@ -3,7 +3,7 @@
 * ``optical_kernels._cpu_<isa>`` — fused CPU Sinkhorn (csrc/cpu, C++17 + OpenMP + pybind11),
   the same sources compiled once per instruction set: on x86-64 ``_cpu_base`` (the
   compiler's default ISA, SSE2), ``_cpu_avx2`` (``-march=x86-64-v3``: AVX2 + FMA) and
-  ``_cpu_avx512`` (``-march=x86-64-v4``); elsewhere ``_cpu_base`` only. optical_kernels/cpu.py
+  ``_cpu_avx512`` (``-march=x86-64-v4``); elsewhere ``_cpu_base`` only. backends/cpu.py
   picks the best one the running CPU supports at import (``OPTICAL_KERNELS_CPU_ISA``
   overrides), so one wheel runs on every x86 host. ``OPTICAL_KERNELS_CPU_VARIANTS=base,avx2``
   builds a subset; ``OPTICAL_KERNELS_NATIVE=1`` adds ``_cpu_native`` (``-march=native``,
@@ -222,7 +222,7 @@ class BuildExt(build_ext):
 
 
 #: ISA variants of the CPU module on x86-64: name -> compiler flags. One build holds them all;
-#: optical_kernels/cpu.py chooses at import by CPU feature detection. x86-64-v3 = AVX2 + FMA
+#: backends/cpu.py chooses at import by CPU feature detection. x86-64-v3 = AVX2 + FMA
 #: + BMI2 (Haswell / Zen 1 on), x86-64-v4 = AVX-512 F/BW/CD/DQ/VL (Skylake-SP / Zen 4 on).
 X86_VARIANTS = {
     "base": [],

@@ -99,7 +99,7 @@ def isa_info() -> dict[str, object]:
 
     info: dict[str, object] = {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
     try:
-        from optical_kernels import cpu
+        from optical_kernels.backends import cpu
 
         info["cpu_supports"] = list(cpu.supported_isas())
         info["ok_cpu_variant"] = cpu.ISA or None

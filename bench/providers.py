@@ -213,7 +213,7 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor, cost: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 # Extra keywords of sinkhorn_loss that force one Triton kernel family. The backend's switch is
-# the environment variable OPTICAL_KERNELS_TRITON_KERNEL (optical_kernels/triton/launch.py),
+# the environment variable OPTICAL_KERNELS_TRITON_KERNEL (backends/triton/launch.py),
 # read at every forward and backward call, not a keyword: to time one family, run the plain
 # `triton` provider under it, e.g. `OPTICAL_KERNELS_TRITON_KERNEL=streaming pytest bench/
 # --bench-providers triton`. triton_resident / triton_streaming stay skipped until a keyword

@@ -119,7 +119,7 @@ def _call_provider(name: str) -> Callable[..., torch.Tensor]:
         base = PROVIDERS["triton"]
 
         def fn(*args: object, **kw: object) -> torch.Tensor:
-            from optical_kernels.triton import launch
+            from optical_kernels.backends.triton import launch
 
             with launch.override(**knobs) if knobs else contextlib.nullcontext():
                 return base(*args, **kw)  # type: ignore[arg-type]

@@ -5,8 +5,8 @@ Public names (docs/design.md §4): :func:`sinkhorn_loss`, :class:`SinkhornLoss`,
 :class:`ConvergenceWarning`.
 """
 
+from . import backends  # a callable module: backends() lists the backends
 from .api import SinkhornLoss, sinkhorn_loss, solve, solve_sample
-from .backends import backends
 from .convergence import ConvergenceWarning
 from .costs import cost_matrix
 from .result import OTResult

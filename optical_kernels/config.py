@@ -41,7 +41,7 @@ Values (over valid entries)::
     value        = value_linear + ε KL(P ‖ a⊗b) [+ ρ KL(P1 ‖ a) + ρ KL(Pᵀ1 ‖ b) if rho]
     KL(p ‖ q)    = Σ p log(p/q) − p + q     (generalised KL)
 
-Backend functions (see :mod:`optical_kernels.reference` for the oracle)::
+Backend functions (see :mod:`optical_kernels.backends.torch` for the oracle)::
 
     forward(C, a, b, cfg)  -> SolverOut
     backward(C, a, b, out, grad_value, grad_value_linear, cfg) -> dL/dC  [B, n, m]

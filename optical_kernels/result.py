@@ -44,7 +44,7 @@ class OTResult:
 
         Not differentiable (use ``value``/``value_linear`` for gradients).
         """
-        from .reference import plan as _plan
+        from .backends.torch import plan as _plan
 
         if self._cost is None or self._a is None or self._b is None:
             raise RuntimeError("this OTResult holds no cost matrix; plan() is unavailable")

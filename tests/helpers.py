@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from optical_kernels import reference
+from optical_kernels.backends import torch as reference
 from optical_kernels.config import SolverConfig, SolverOut
 from optical_kernels.costs import cost_matrix, cost_vjp
 

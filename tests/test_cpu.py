@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optical_kernels import cpu
-from optical_kernels import reference as ref
+from optical_kernels.backends import cpu
+from optical_kernels.backends import torch as ref
 from optical_kernels.config import SolverConfig
 
 pytestmark = pytest.mark.skipif(not cpu.is_available()[0], reason=cpu.is_available()[1])

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import optical_kernels as ok
-from optical_kernels import cpu
-from optical_kernels import reference as ref
+from optical_kernels.backends import cpu
+from optical_kernels.backends import torch as ref
 from optical_kernels.config import SolverConfig
 from tests.test_cpu import check_forward, make_batch, rel
 
@@ -71,7 +71,7 @@ def test_unknown_or_unsupported_variant_refused(restore_isa) -> None:  # noqa: A
 
 def test_env_var_forces_a_variant() -> None:
     code = (
-        "import optical_kernels as ok; from optical_kernels import cpu; "
+        "import optical_kernels as ok; from optical_kernels.backends import cpu; "
         "print(cpu.ISA, '|', ok.backends()['cpu']['reason'])"
     )
     env = dict(os.environ, OPTICAL_KERNELS_CPU_ISA="base")

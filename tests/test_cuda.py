@@ -1,4 +1,4 @@
-"""Tests of the ``cuda`` backend (optical_kernels.cuda, csrc/cuda) against the reference.
+"""Tests of the ``cuda`` backend (optical_kernels.backends.cuda, csrc/cuda) against the reference.
 
 Three kinds:
 
@@ -14,7 +14,7 @@ Three kinds:
   module on CUDA tensors; skipped without CUDA.
 
 Both targets compare every output of ``forward``/``forward_sample``/``backward``/
-``backward_sample`` with :mod:`optical_kernels.reference` on random ragged, masked batches
+``backward_sample`` with :mod:`optical_kernels.backends.torch` on random ragged, masked batches
 (padding interleaved, empty problems included), all gradient modes, float32 and float64.
 """
 
@@ -32,8 +32,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from optical_kernels import cuda as ok_cuda
-from optical_kernels import reference
+from optical_kernels.backends import cuda as ok_cuda
+from optical_kernels.backends import torch as reference
 from optical_kernels.config import SolverConfig
 from optical_kernels.costs import cost_matrix, cost_vjp
 from tests.helpers import random_problem
@@ -84,7 +84,7 @@ _EMU: list[object] = []
 
 @pytest.fixture(params=["emu", pytest.param("gpu", marks=pytest.mark.gpu)])
 def target(request: pytest.FixtureRequest) -> str:
-    """Device of the test tensors, with optical_kernels.cuda launching on that target."""
+    """Device of the test tensors, with optical_kernels.backends.cuda launching on that target."""
     if request.param == "gpu":
         ok, why = ok_cuda.is_available()
         if not ok:
@@ -326,7 +326,7 @@ def test_backward_matches_reference(
     G = ok_cuda.backward(P["C"], P["a"], P["b"], o, gv.to(target), gl.to(target), cfg)
     if grad == "implicit" and cfg.rho is not None:
         # the reference does not implement it: compare with the cpu backend when built
-        cpu = pytest.importorskip("optical_kernels.cpu")
+        cpu = pytest.importorskip("optical_kernels.backends.cpu")
         if not cpu.is_available()[0]:
             pytest.skip("reference has no unbalanced implicit gradient and cpu is not built")
         Gr = cpu.backward(Cr, ar, br, r, gv, gl, cfg)

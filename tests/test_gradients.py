@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import optical_kernels as ok
-from optical_kernels import reference
+from optical_kernels.backends import torch as reference
 from optical_kernels.config import SolverConfig
 
 COSTS = ["cosine", "sqeuclidean", "dot"]

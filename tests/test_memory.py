@@ -18,7 +18,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from optical_kernels import reference, solve_sample
+from optical_kernels import solve_sample
+from optical_kernels.backends import torch as reference
 from optical_kernels.config import SolverConfig
 from tests.helpers import GRAD_MODES, random_cost, random_problem
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import optical_kernels as ok
-from optical_kernels import reference as R
+from optical_kernels.backends import torch as R
 from optical_kernels.config import SolverConfig
 from optical_kernels.costs import cost_matrix
 
@@ -32,7 +32,7 @@ def _backends() -> list[str]:
 def _with_triton() -> list[str]:
     names = _backends()
     try:
-        import optical_kernels.triton as T
+        import optical_kernels.backends.triton as T
 
         if T.is_available()[0]:
             names.append("triton")
@@ -316,7 +316,7 @@ def test_relative_error_definition_reference():
 # ------------------------------------------------------------------ 8. cpu ε table
 @pytest.mark.skipif("cpu" not in _backends(), reason="cpu backend not built")
 def test_cpu_eps_table_is_not_max_iter_long():
-    from optical_kernels import cpu
+    from optical_kernels.backends import cpu
 
     big = 10**7
     assert cpu._eps_schedule(SolverConfig(eps=0.05, max_iter=big), big).numel() == 0

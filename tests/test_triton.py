@@ -25,14 +25,14 @@ if not torch.cuda.is_available():  # CPU CI: run the kernels in the interpreter
 
 pytest.importorskip("triton")
 
-import optical_kernels.triton as T  # noqa: E402
-from optical_kernels import reference as R  # noqa: E402
+import optical_kernels.backends.triton as T  # noqa: E402
+from optical_kernels.backends import torch as R  # noqa: E402
+from optical_kernels.backends.triton import launch  # noqa: E402
 from optical_kernels.config import SolverConfig  # noqa: E402
 from optical_kernels.costs import centre, cost_matrix, cost_vjp  # noqa: E402
-from optical_kernels.triton import launch  # noqa: E402
 
-_RES = sys.modules["optical_kernels.triton.resident"]
-_BWD = sys.modules["optical_kernels.triton.backward"]
+_RES = sys.modules["optical_kernels.backends.triton.resident"]
+_BWD = sys.modules["optical_kernels.backends.triton.backward"]
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 (or a GPU)", allow_module_level=True)
@@ -400,7 +400,7 @@ def test_schedule_args_match_config() -> None:
 
 
 def test_routing_beyond_resident_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "optical_kernels.triton.streaming", None)
+    monkeypatch.setitem(sys.modules, "optical_kernels.backends.triton.streaming", None)
     n = launch.RESIDENT_MAX + 1
     C = torch.zeros(1, n, 2).to(DEV)
     with pytest.raises(NotImplementedError, match="streaming"):

@@ -1,4 +1,4 @@
-"""Streaming Triton kernels (optical_kernels/triton/streaming.py) against the torch reference.
+"""Streaming Triton kernels (backends/triton/streaming.py) against the torch reference.
 
 Runs on CPU under ``TRITON_INTERPRET=1`` (set here before triton is imported) or on a CUDA
 device. Tiles are forced small (16) so that every pass streams several row blocks and
@@ -18,9 +18,9 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from optical_kernels import costs  # noqa: E402
-from optical_kernels import reference as ref  # noqa: E402
+from optical_kernels.backends import torch as ref  # noqa: E402
+from optical_kernels.backends.triton import streaming as st  # noqa: E402
 from optical_kernels.config import SolverConfig  # noqa: E402
-from optical_kernels.triton import streaming as st  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
@@ -304,7 +304,7 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from optical_kernels.config import SolverConfig
-from optical_kernels.triton import streaming as st
+from optical_kernels.backends.triton import streaming as st
 
 TY = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.int32: "i32"}
 seen = {}

@@ -121,7 +121,7 @@ std::string build_info() {
 #endif
 
 PYBIND11_MODULE(OKC_MODULE, mod) {
-  mod.doc() = "optical_kernels fused CPU Sinkhorn kernels (raw pointers; see optical_kernels/cpu.py)";
+  mod.doc() = "optical_kernels fused CPU Sinkhorn kernels (raw pointers; see optical_kernels/backends/cpu.py)";
   mod.def("forward", &forward,
           "Batched Sinkhorn forward (scaling form with absorption) into caller buffers.",
           py::arg("dtype"), py::arg("B"), py::arg("n"), py::arg("m"), py::arg("C"),

@@ -1,6 +1,6 @@
 """Backend contract suite: every backend available in the run computes the oracle's function.
 
-The oracle is ``backend="torch"`` (:mod:`optical_kernels.reference`). Each test takes the
+The oracle is ``backend="torch"`` (:mod:`optical_kernels.backends.torch`). Each test takes the
 ``backend`` fixture, parametrised over
 
 * ``torch``  the oracle itself (property and edge-case tests only: comparing it with itself
@@ -34,7 +34,7 @@ import pytest
 import torch
 
 import optical_kernels as ok
-from optical_kernels import cuda as ok_cuda
+from optical_kernels.backends import cuda as ok_cuda
 from optical_kernels.costs import cost_matrix
 from tests.helpers import random_problem, random_weights
 

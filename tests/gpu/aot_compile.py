@@ -32,12 +32,12 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import optical_kernels.triton  # noqa: E402,F401  (registers the submodules)
-from optical_kernels.triton import launch  # noqa: E402
-from optical_kernels.triton import resident as RES  # noqa: E402
+import optical_kernels.backends.triton  # noqa: E402,F401  (registers the submodules)
+from optical_kernels.backends.triton import launch  # noqa: E402
+from optical_kernels.backends.triton import resident as RES  # noqa: E402
 
 # the package attribute `backward` is the contract function; the module lives in sys.modules
-BW = sys.modules["optical_kernels.triton.backward"]
+BW = sys.modules["optical_kernels.backends.triton.backward"]
 
 _FLOATS = {"eps_hi", "eps_lo", "rho_hi", "rho_lo", "st_hi", "st_lo", "lf_hi", "lf_lo",
            "tol_hi", "tol_lo", "absorb2", "cg_tol"}

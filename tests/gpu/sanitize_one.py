@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import optical_kernels.triton as T  # noqa: E402
+import optical_kernels.backends.triton as T  # noqa: E402
 from optical_kernels.config import SolverConfig  # noqa: E402
 
 

@@ -27,11 +27,11 @@ elif not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import optical_kernels as ok  # noqa: E402
-import optical_kernels.triton as T  # noqa: E402
-from optical_kernels import reference as R  # noqa: E402
+import optical_kernels.backends.triton as T  # noqa: E402
+from optical_kernels.backends import torch as R  # noqa: E402
+from optical_kernels.backends.triton import launch  # noqa: E402
 from optical_kernels.config import SolverConfig  # noqa: E402
 from optical_kernels.costs import cost_matrix, cost_vjp  # noqa: E402
-from optical_kernels.triton import launch  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -39,7 +39,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.runtime.interpreter"),
 ]
 DEV = "cpu" if DRYRUN else "cuda"
-_RES = sys.modules["optical_kernels.triton.resident"]
+_RES = sys.modules["optical_kernels.backends.triton.resident"]
 
 
 def size(real: int, tiny: int) -> int:

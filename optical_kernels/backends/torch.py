@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import SolverConfig, SolverOut
+from ..config import SolverConfig, SolverOut
 
 NEG_INF = float("-inf")
 

@@ -66,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..config import SolverConfig, SolverOut
+from ...config import SolverConfig, SolverOut
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -849,7 +849,7 @@ def _implicit_uv(prob: _Problem, p, q, K, cfg: SolverConfig):
     """Jacobi-PCG on H [u; v] = [(P∘C)1; (P∘C)ᵀ1] with streamed matvecs; scalars on device.
 
     H = [[κ diag(r), P], [Pᵀ, κ diag(c)]] with κ = 1 + ε/ρ for unbalanced problems (1 when
-    balanced), as in :func:`optical_kernels.reference.implicit_linear_grad`.
+    balanced), as in :func:`optical_kernels.backends.torch.implicit_linear_grad`.
     """
     dt = prob.dtype
     r, rhs_u = prob.plan(True, p, q, K, sums=True, s2=1)

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 from types import ModuleType
 
-import torch
+# ``torch`` under another name: importing the submodule optical_kernels.backends.torch (the
+# oracle backend) sets the package attribute ``torch``, i.e. this module's global of that name.
+import torch as _torch
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 _MODULES = {
-    "torch": "optical_kernels.reference",
-    "cpu": "optical_kernels.cpu",
-    "triton": "optical_kernels.triton",
-    "cuda": "optical_kernels.cuda",
+    "torch": "optical_kernels.backends.torch",
+    "cpu": "optical_kernels.backends.cpu",
+    "triton": "optical_kernels.backends.triton",
+    "cuda": "optical_kernels.backends.cuda",
 }
 _INSTALL_HINT = {
     "cpu": "build the C++ extension: `pip install -e .` with a C++ compiler (g++/clang) present",
@@ -29,13 +32,21 @@ _warned: set[str] = set()
 _import_errors: dict[str, str] = {}
 
 
+_loaded: dict[str, ModuleType | None] = {}
+
+
 def load(name: str) -> ModuleType | None:
-    """Import a backend module, or ``None`` if it cannot be imported."""
+    """The backend module (imported once, then cached), or ``None`` if it cannot be imported."""
+    path = _MODULES[name]  # the cache is keyed by module path (tests swap _MODULES entries)
+    if path in _loaded:
+        return _loaded[path]
     try:
-        return importlib.import_module(_MODULES[name])
+        mod: ModuleType | None = importlib.import_module(path)
     except ImportError as exc:
         _import_errors[name] = str(exc)
-        return None
+        mod = None
+    _loaded[path] = mod
+    return mod
 
 
 def status(name: str) -> tuple[bool, str]:
@@ -61,7 +72,7 @@ def backends() -> dict[str, dict[str, object]]:
     return {name: dict(zip(("available", "reason"), status(name))) for name in BACKENDS}
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> tuple[str, ModuleType]:
+def resolve(backend: str, device: _torch.device, dtype: _torch.dtype) -> tuple[str, ModuleType]:
     """Pick the backend for ``backend`` (``auto`` or a name) on ``device``; no size argument.
 
     ``auto``: CUDA tensors -> ``triton`` (then ``cuda``), CPU tensors -> ``cpu``; falls back to
@@ -111,13 +122,13 @@ def _warn_fallback(key: str, message: str, stacklevel: int = 4) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
 
-def resolve_name(backend: str, device_type: str, dtype: torch.dtype) -> str:
+def resolve_name(backend: str, device_type: str, dtype: _torch.dtype) -> str:
     """Name (or ``"primary>fallback"`` route) of the backend :func:`resolve` picks.
 
     Independent of the problem size; under ``torch.compile`` the API calls it through
     :mod:`optical_kernels._traced`, which marks it as a constant for tracing.
     """
-    return resolve(backend, torch.device(device_type), dtype)[0]
+    return resolve(backend, _torch.device(device_type), dtype)[0]
 
 
 def route(name: str, n: int, m: int) -> str:
@@ -148,7 +159,7 @@ def fuses_cost(name: str) -> bool:
     return hasattr(load(name.partition(">")[0]), "forward_sample")
 
 
-def _supports(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+def _supports(name: str, device: _torch.device, dtype: _torch.dtype) -> bool:
     mod = load(name)
     check = getattr(mod, "supports", None)
     if check is not None:
@@ -160,3 +171,16 @@ def _supports(name: str, device: torch.device, dtype: torch.dtype) -> bool:
     if name == "triton":
         return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     return True
+
+
+class _Registry(ModuleType):
+    """This package's module type: calling the module is :func:`backends`, so that
+    ``optical_kernels.backends()`` (the public function) and ``optical_kernels.backends.cpu``
+    (a backend module) are both reachable under the one name."""
+
+    def __call__(self) -> dict[str, dict[str, object]]:
+        return backends()
+
+
+sys.modules[__name__].__class__ = _Registry
+

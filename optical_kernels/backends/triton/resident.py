@@ -28,7 +28,7 @@ Two iteration forms behind one interface (constexpr ``SCALING``, docs/design.md 
   iterations. Same fixed point, same map up to rounding, same stopping rule.
 
 Shared ``@triton.jit`` helpers (weights, cost tile, LSE) are also used by
-:mod:`optical_kernels.triton.backward`.
+:mod:`optical_kernels.backends.triton.backward`.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ import os
 
 import torch
 
-from .config import SolverConfig, SolverOut
+from ..config import SolverConfig, SolverOut
 
 #: ISA variants of the compiled module, best first (setup.py builds ``_cpu_<isa>`` for each).
 ISA_VARIANTS = ("native", "avx512", "avx2", "base")
@@ -147,7 +147,7 @@ def set_isa(isa: str | None) -> str:
         except ImportError as exc:
             msg = f"isa={isa!r}: optical_kernels._cpu_{isa} is not built ({exc})"
             raise ValueError(msg) from exc
-        name, why = isa, f"set by optical_kernels.cpu.set_isa({isa!r})"
+        name, why = isa, f"set by optical_kernels.backends.cpu.set_isa({isa!r})"
     if mod is None:
         raise ValueError(why)
     _cpu, ISA, _WHY, _IMPORT_ERROR = mod, name, why, None
@@ -241,7 +241,7 @@ def _rho(cfg: SolverConfig) -> float:
 def forward(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig) -> SolverOut:
     """Solve a padded batch: ``C`` [B, n, m], ``a`` [B, n], ``b`` [B, m] -> :class:`SolverOut`.
 
-    Same map, stopping rule, values and conventions as :func:`optical_kernels.reference.forward`
+    Same map, stopping rule, values and conventions as the oracle's ``forward``
     (0 at padded positions; empty problems give zeros and ``n_iters = 0``). For
     ``cfg.grad == "unrolled"`` the potentials after every iteration are returned in
     ``history = (hist_f [max_iter, B, n], hist_g [max_iter, B, m])`` (rows past ``n_iters``

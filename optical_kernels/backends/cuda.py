@@ -40,11 +40,11 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .config import SolverConfig, SolverOut
-from .ops import config_args, config_from_args, fake_outputs
+from ..config import SolverConfig, SolverOut
+from ..ops import config_args, config_from_args, fake_outputs
 
 try:  # the compiled extension is optional (built by setup.py only where nvcc exists)
-    from . import _cuda  # type: ignore[attr-defined]
+    from .. import _cuda  # type: ignore[attr-defined]
 
     _IMPORT_ERROR: str | None = None
 except ImportError as exc:  # pragma: no cover - depends on the build
@@ -524,7 +524,7 @@ def _check_grad_mode(cfg: SolverConfig) -> None:
 def forward(C: Tensor, a: Tensor, b: Tensor, cfg: SolverConfig) -> SolverOut:
     """Solve a padded batch: ``C`` [B, n, m], ``a`` [B, n], ``b`` [B, m] -> :class:`SolverOut`.
 
-    Same map, stopping rule, values and conventions as :func:`optical_kernels.reference.forward`
+    Same map, stopping rule, values and conventions as the oracle's ``forward``
     (0 at padded positions; empty problems give zeros and ``n_iters = 0``). For
     ``cfg.grad == "unrolled"``, ``history = (hist_f [max_iter, B, n], hist_g [max_iter, B, m])``
     (rows past ``n_iters`` are 0 and never read). float16/bfloat16 ``C`` is upcast to float32.

@@ -2,7 +2,7 @@
 
 Implements the backend contract of :mod:`optical_kernels.config` (``forward``, ``backward``,
 ``forward_sample``, ``backward_sample``, ``is_available``, ``supports``) and picks the kernel
-family by size (:mod:`optical_kernels.triton.launch`):
+family by size (:mod:`optical_kernels.backends.triton.launch`):
 
 * padded ``n, m ≤ 128``: the resident kernel (:mod:`.resident`, :mod:`.backward`), one
   program per problem, the whole batch in one launch;
@@ -29,7 +29,7 @@ from types import ModuleType
 
 import torch
 
-from ..config import SolverConfig, SolverOut
+from ...config import SolverConfig, SolverOut
 
 # The kernel modules are imported here, before ``def backward`` below: importing the submodule
 # ``backward`` binds the package attribute ``backward`` to it, and the contract function must
@@ -97,13 +97,13 @@ def _streaming(name: str, n: int, m: int) -> object:
     except ImportError as exc:
         raise NotImplementedError(
             f"triton backend: n={n}, m={m} exceed the resident-kernel limit and the streaming "
-            f"kernel (optical_kernels/triton/streaming.py) is not available ({exc})"
+            f"kernel (optical_kernels/backends/triton/streaming.py) is not available ({exc})"
         ) from exc
     fn = getattr(mod, name, None)
     if fn is None:
         raise NotImplementedError(
             f"triton backend: n={n}, m={m} exceed the resident-kernel limit and "
-            f"optical_kernels.triton.streaming has no {name}()"
+            f"optical_kernels.backends.triton.streaming has no {name}()"
         )
     return fn
 
