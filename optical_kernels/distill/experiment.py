@@ -105,7 +105,7 @@ class Budget:
 
 
 BUDGETS: dict[str, Budget] = {
-    "cpu": Budget(steps=100, batch_size=16, lrs=CPU_LR_GRID),
+    "cpu": Budget(steps=150, batch_size=16, lrs=CPU_LR_GRID),
     "gpu": Budget(steps=300, batch_size=32),
     "tiny": Budget(steps=2, batch_size=4, lrs=(1e-3, 1e-2), arms=("ot-eps0.05", "kd-cosine"),
                    seeds=(0, 1), train_max_length=16, eval_max_length=16, dev_pool=8),
