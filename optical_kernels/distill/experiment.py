@@ -35,18 +35,16 @@ a no-grad pass of MiniLM, about a tenth of an e5-small training step).
 
 Budgets (:data:`BUDGETS`), one shared by every arm:
 
-* ``cpu`` — 50 steps × 16 pairs (800 pairs, 3% of an epoch), train length 128, 3 learning
-  rates, input embeddings frozen (96 M of e5-small's 118 M parameters are its 250 k-piece
-  vocabulary; training them costs +75% per step, demo.MEASURED). Arithmetic from the
-  demo's measurements on this 2-core host (CPU-s, upper bounds: measured under load): an
-  e5-small step at 16 × 64 costs 4.4 CPU-s with OT, 2.2 with KD-cosine, ~3.4 averaged over
-  the 8 arms, ~4.8 at length 128 (batches pad to their longest verse, ~1.4× the 64-token
-  cost) → 40 runs × 50 steps × 4.8 ≈ 9,600 CPU-s; evaluation: 24 final runs × (3,230 test
-  verses + 2,056 UDHR paragraphs at 256 + 500 dev) ≈ 24 × 215 ≈ 5,200 CPU-s, + 16 dev-only
-  evaluations ≈ 200 → ~15,000 CPU-s ≈ 2.1 h on two cores. A reduced budget: the students
-  see 800 pairs each; it measures early training, not converged students. The full
-  experiment has **not** been run.
-* ``gpu`` — 300 steps × 32 pairs (9,600 pairs, 36% of an epoch; 12× the CPU budget's
+* ``cpu`` — 150 steps × 16 pairs (2,400 pairs, 9% of an epoch), train length 128, the
+  learning rates of :data:`LR_GRID` (3e-4, 1e-3, 3e-3: a 50-step probe at 1e-3 stayed
+  at chance, so the short budgets search the top of the usual range), input embeddings
+  frozen (96 M of e5-small's 118 M parameters are its 250 k-piece vocabulary; training them
+  costs +75% per step, demo.MEASURED). Measured on the quiet 2-core AVX-512 host
+  (2026-12-01, bf16 autocast): an OT step ~0.9 s wall, a selection run (150 steps + dev
+  evaluation) ~2.5 min, so 40 runs ≈ 1.6 h with the final runs' test-set evaluation (3,230
+  test verses + 2,056 UDHR paragraphs at 256 tokens, ~30 s under bf16). A reduced budget:
+  each student sees 2,400 pairs; it measures early training, not converged students.
+* ``gpu`` — 300 steps × 32 pairs (9,600 pairs, 36% of an epoch; 4× the CPU budget's
   pairs), same grid, seeds and frozen embeddings, for scripts/gpu_experiment.sh on one
   H200: 12,000 steps at an assumed ~20 ms per e5-small step of 32 × 128 tokens (bf16)
   ≈ 4 min, + ~3 s of set-up per run (2 min) + ~1 min of evaluation.
@@ -77,11 +75,10 @@ ARMS: dict[str, dict[str, Any]] = {
     "ot+kd": {"loss": "ot+kd", "eps": 0.05},
     "maxsim": {"loss": "maxsim"},
 }
-LR_GRID = (3e-5, 1e-4, 3e-4)
-# The CPU budget's grid sits higher: at 50 steps × 16 pairs, lr 1e-3, KD-cosine and InfoNCE KD
+# The grid sits high: at 50 steps × 16 pairs, lr 1e-3, KD-cosine and InfoNCE KD
 # students still retrieved at chance on dev (P@1 0.2% and 0.6% of 500 verses, chance 0.2%;
 # development-session probe), so the short budget needs the top of the usual range and above.
-CPU_LR_GRID = (3e-4, 1e-3, 3e-3)
+LR_GRID = (3e-4, 1e-3, 3e-3)
 SEEDS = (0, 1, 2)
 BASELINE = "kd-cosine"
 CONTROL = "maxsim"
@@ -105,7 +102,7 @@ class Budget:
 
 
 BUDGETS: dict[str, Budget] = {
-    "cpu": Budget(steps=150, batch_size=16, lrs=CPU_LR_GRID),
+    "cpu": Budget(steps=150, batch_size=16),
     "gpu": Budget(steps=300, batch_size=32),
     "tiny": Budget(steps=2, batch_size=4, lrs=(1e-3, 1e-2), arms=("ot-eps0.05", "kd-cosine"),
                    seeds=(0, 1), train_max_length=16, eval_max_length=16, dev_pool=8),
