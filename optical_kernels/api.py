@@ -495,7 +495,8 @@ def solve_sample(
         check_every: convergence test period, default 10.
         eps_schedule: ``(start, factor)``: ε-scaling ``ε_t = max(eps, start·factor^(t−1))``;
             ``None`` (default) uses ``eps`` throughout.
-        backend: ``"auto"`` (default), ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+        backend: ``"auto"`` (default), ``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or
+            ``"online"`` (no [n, m] matrix: row tiles of the cost recomputed from the points).
 
     Returns:
         :class:`OTResult` with ``value`` [B] the objective selected by ``objective``

@@ -12,12 +12,13 @@ from types import ModuleType
 # oracle backend) sets the package attribute ``torch``, i.e. this module's global of that name.
 import torch as _torch
 
-BACKENDS = ("torch", "cpu", "triton", "cuda")
+BACKENDS = ("torch", "cpu", "triton", "cuda", "online")
 _MODULES = {
     "torch": "optical_kernels.backends.torch",
     "cpu": "optical_kernels.backends.cpu",
     "triton": "optical_kernels.backends.triton",
     "cuda": "optical_kernels.backends.cuda",
+    "online": "optical_kernels.backends.online",
 }
 _INSTALL_HINT = {
     "cpu": "build the C++ extension: `pip install -e .` with a C++ compiler (g++/clang) present",
