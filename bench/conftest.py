@@ -38,6 +38,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-max-time", type=float, default=1.0, help="timed seconds per case")
     group.addoption("--bench-min-rounds", type=int, default=3, help="minimum timed rounds")
     group.addoption("--bench-max-rounds", type=int, default=50, help="maximum timed rounds")
+    group.addoption("--bench-large", default="", help="n = m sizes of bench/test_large.py "
+                    "(opt-in, e.g. 8192,16384,32768)")
 
 
 def _cpu_model() -> str:

@@ -25,18 +25,16 @@ contract tests (``tests/test_online.py``).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
 from ..config import SolverConfig, SolverOut
-from ..costs import _cost_forward, cost_vjp
+from ..costs import cost_vjp, normalize
 
 NEG_INF = float("-inf")
 #: entries of one cost tile (B·rows·m); 4 M float32 entries = 16 MiB
 TILE_ELEMENTS = int(os.environ.get("OPTICAL_KERNELS_ONLINE_TILE", str(1 << 22)))
-
-Tile = Callable[[int, int], torch.Tensor]
 
 
 def is_available() -> tuple[bool, str]:
@@ -51,14 +49,63 @@ def _row_ranges(B: int, n: int, m: int) -> Iterator[tuple[int, int]]:
         yield i0, min(n, i0 + rows)
 
 
-def _matrix_tiles(C: torch.Tensor) -> Tile:
-    return lambda i0, i1: C[:, i0:i1, :]
+class _Cost:
+    """The narrow primitive the solver loop is written over: row tiles of ``−C/ε + r_i + c_j``.
+
+    From points every cost is ``C_ij = α_i + β_j − γ·p_i·q_j`` (cosine: p, q the unit vectors,
+    α = 1; sqeuclidean: α = |x|², β = |y|², γ = 2; dot: γ = 1), so a tile of logits is one GEMM
+    with the biases folded into its row and column vectors — no cost tile is kept. A given
+    matrix is sliced instead.
+    """
+
+    def __init__(self, a: torch.Tensor, *, C: torch.Tensor | None = None,
+                 points: tuple[torch.Tensor, torch.Tensor, str] | None = None):
+        B, n = a.shape
+        self.C = C
+        self.alpha = a.new_zeros(B, n)
+        if points is not None:
+            x, y, cost = points
+            x, y = x.to(a.dtype), y.to(a.dtype)
+            m = y.shape[1]
+            self.beta = a.new_zeros(B, m)
+            if cost == "cosine":
+                x, y = normalize(x), normalize(y)
+                self.alpha += 1.0
+                self.gamma = 1.0
+            elif cost == "sqeuclidean":
+                self.alpha, self.beta = (x * x).sum(-1), (y * y).sum(-1)
+                self.gamma = 2.0
+            elif cost == "dot":
+                self.gamma = 1.0
+            else:
+                raise ValueError(f"cost must be cosine, sqeuclidean or dot, got {cost!r}")
+            self.p, self.qt = x, y.transpose(1, 2)
+
+    def logits(self, i0: int, i1: int, eps: float, r: torch.Tensor | None,
+               c: torch.Tensor | None) -> torch.Tensor:
+        """``−C[:, i0:i1, :]/ε + r[:, i0:i1, None] + c[:, None, :]`` [B, i1−i0, m]
+        (``r``/``c`` ``None``: no bias); from points one GEMM with the column bias as its
+        input and one pass for the row bias."""
+        if self.C is not None:
+            z = self.C[:, i0:i1, :] / -eps
+            if c is not None:
+                z.add_(c[:, None, :])
+        else:
+            col = -self.beta / eps if c is None else c - self.beta / eps
+            z = torch.baddbmm(col[:, None, :], self.p[:, i0:i1], self.qt,
+                              alpha=self.gamma / eps)
+            r = -self.alpha / eps if r is None else r - self.alpha / eps
+        if r is not None:
+            z.add_(r[:, i0:i1, None])
+        return z
 
 
-def _point_tiles(x: torch.Tensor, y: torch.Tensor, cost: str, a: torch.Tensor) -> Tile:
-    """Row tiles of ``cost(x, y)`` in the weights' dtype (x, y already prepared by the API)."""
-    xw, yw = x.to(a.dtype), y.to(a.dtype)
-    return lambda i0, i1: _cost_forward(xw[:, i0:i1].contiguous(), yw, cost)
+def _lse(z: torch.Tensor, dim: int) -> torch.Tensor:
+    """``logsumexp`` of a work tile along ``dim``, in place (``z`` is destroyed): 4 passes and
+    no temporaries; an all −inf slice gives −inf."""
+    top = z.amax(dim, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    return z.sub_(top).exp_().sum(dim).log_().add_(top.squeeze(dim))
 
 
 class _Weights:
@@ -69,23 +116,24 @@ class _Weights:
         self.nonempty = self.va.any(1) & self.vb.any(1)
         tiny = torch.finfo(a.dtype).tiny
         ne = self.nonempty[:, None]
+        # the iteration's log-weights: −inf at padding, 0 everywhere for empty problems
         self.la = torch.where(ne, torch.where(self.va, a.clamp_min(tiny).log(), NEG_INF), 0.0)
         self.lb = torch.where(ne, torch.where(self.vb, b.clamp_min(tiny).log(), NEG_INF), 0.0)
-        # log-weights with 0 at padded positions (the plan's factors; padded entries masked)
-        self.la0 = torch.where(self.va, a.clamp_min(tiny).log(), 0.0)
-        self.lb0 = torch.where(self.vb, b.clamp_min(tiny).log(), 0.0)
+        # the plan's: −inf at padding (so an empty problem's plan is 0)
+        self.pa = torch.where(self.va, a.clamp_min(tiny).log(), NEG_INF)
+        self.pb = torch.where(self.vb, b.clamp_min(tiny).log(), NEG_INF)
 
 
-def _log_plan_tile(Ct: torch.Tensor, w: _Weights, f: torch.Tensor, g: torch.Tensor, eps: float,
-                   i0: int, i1: int) -> torch.Tensor:
-    """log P on rows i0:i1 [B, r, m], −inf at padded entries."""
-    z = (f[:, i0:i1, None] + g[:, None, :] - Ct) / eps + w.la0[:, i0:i1, None] + w.lb0[:, None, :]
-    mask = w.va[:, i0:i1, None] & w.vb[:, None, :]
-    return torch.where(mask, z, NEG_INF)
+def _log_plan_tile(cost: _Cost, w: _Weights, f: torch.Tensor, g: torch.Tensor, eps: float,
+                   i0: int, i1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log P, C)`` on rows i0:i1, [B, r, m] each; log P is −inf at padded entries."""
+    base = cost.logits(i0, i1, eps, None, None)  # −C/ε
+    lp = base + (w.pa + f / eps)[:, i0:i1, None] + (w.pb + g / eps)[:, None, :]
+    return lp, base.mul_(-eps)
 
 
 # --------------------------------------------------------------------------- forward
-def _solve(tile: Tile, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig) -> SolverOut:
+def _solve(cost: _Cost, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig) -> SolverOut:
     B, n = a.shape
     m = b.shape[1]
     w = _Weights(a, b)
@@ -99,13 +147,14 @@ def _solve(tile: Tile, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig) -> S
         eps_t = cfg.eps_at(t)
         lam = cfg.damping(eps_t)
         f_new = torch.empty_like(f)
+        cb = w.lb + g / eps_t
+        for i0, i1 in ranges:  # f_i = −λε LSE_j[lb_j + (g_j − C_ij)/ε]
+            f_new[:, i0:i1] = _lse(cost.logits(i0, i1, eps_t, None, cb), 2)
+        f_new.mul_(-lam * eps_t)
         col = a.new_full((B, m), NEG_INF)
-        for i0, i1 in ranges:
-            Ct = tile(i0, i1)
-            fr = -lam * eps_t * torch.logsumexp(w.lb[:, None, :] + (g[:, None, :] - Ct) / eps_t, 2)
-            f_new[:, i0:i1] = fr
-            z = w.la[:, i0:i1, None] + (fr[:, :, None] - Ct) / eps_t
-            col = torch.logaddexp(col, torch.logsumexp(z, 1))
+        rb = w.la + f_new / eps_t
+        for i0, i1 in ranges:  # g_j = −λε LSE_i[la_i + (f_i − C_ij)/ε], merged over tiles
+            col = torch.logaddexp(col, _lse(cost.logits(i0, i1, eps_t, rb, None), 1))
         g_new = -lam * eps_t * col
         f = torch.where(active[:, None], f_new, f)
         g = torch.where(active[:, None], g_new, g)
@@ -114,18 +163,18 @@ def _solve(tile: Tile, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig) -> S
             hist_f.append(f)
             hist_g.append(g)
         if cfg.tol > 0 and t % cfg.check_every == 0 and eps_t == cfg.eps:
-            err = _summary(tile, ranges, a, b, w, f, g, cfg)[2]
+            err = _summary(cost, ranges, a, b, w, f, g, cfg)[2]
             active = active & (err >= cfg.tol)
             if t % (4 * cfg.check_every) == 0 and not bool(active.any()):
                 break  # one host sync every 4 checks (as the oracle)
     keep_f, keep_g = w.va & w.nonempty[:, None], w.vb & w.nonempty[:, None]
     f, g = torch.where(keep_f, f, 0.0), torch.where(keep_g, g, 0.0)
-    value, value_linear, err = _summary(tile, ranges, a, b, w, f, g, cfg)
+    value, value_linear, err = _summary(cost, ranges, a, b, w, f, g, cfg)
     history = (torch.stack(hist_f), torch.stack(hist_g)) if hist_f else None
     return SolverOut(f, g, value, value_linear, n_iters, err, history)
 
 
-def _summary(tile: Tile, ranges: list[tuple[int, int]], a: torch.Tensor, b: torch.Tensor,
+def _summary(cost: _Cost, ranges: list[tuple[int, int]], a: torch.Tensor, b: torch.Tensor,
              w: _Weights, f: torch.Tensor, g: torch.Tensor, cfg: SolverConfig
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(value, value_linear, err)`` [B] of potentials ``f``, ``g`` in one pass over the tiles
@@ -139,8 +188,7 @@ def _summary(tile: Tile, ranges: list[tuple[int, int]], a: torch.Tensor, b: torc
     log_r = a.new_full((B, n), NEG_INF)
     log_c = a.new_full((B, m), NEG_INF)
     for i0, i1 in ranges:
-        Ct = tile(i0, i1)
-        lp = _log_plan_tile(Ct, w, f, g, eps, i0, i1)
+        lp, Ct = _log_plan_tile(cost, w, f, g, eps, i0, i1)
         P = lp.exp()
         lin += (P * Ct).sum((1, 2))
         klsum += (P * (f[:, i0:i1, None] + g[:, None, :] - Ct)).sum((1, 2))
@@ -168,13 +216,13 @@ def _summary(tile: Tile, ranges: list[tuple[int, int]], a: torch.Tensor, b: torc
 
 def forward(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig) -> SolverOut:
     """Solve a padded batch, ``C`` [B, n, m] given (tiled like the points path)."""
-    return _solve(_matrix_tiles(C), a, b, cfg)
+    return _solve(_Cost(a, C=C), a, b, cfg)
 
 
 def forward_sample(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                    cost: str, cfg: SolverConfig) -> SolverOut:
     """Solve ``C = cost(x, y)`` for x [B, n, d], y [B, m, d] without materialising C."""
-    return _solve(_point_tiles(x, y, cost, a), a, b, cfg)
+    return _solve(_Cost(a, points=(x, y, cost)), a, b, cfg)
 
 
 # --------------------------------------------------------------------------- backward
@@ -203,7 +251,7 @@ class _GradSink:
             self.dy += dy
 
 
-def _backward(tile: Tile, a: torch.Tensor, b: torch.Tensor, out: SolverOut,
+def _backward(cost: _Cost, a: torch.Tensor, b: torch.Tensor, out: SolverOut,
               gv: torch.Tensor, gvl: torch.Tensor, cfg: SolverConfig, sink: _GradSink) -> None:
     B, n = a.shape
     m = b.shape[1]
@@ -211,17 +259,17 @@ def _backward(tile: Tile, a: torch.Tensor, b: torch.Tensor, out: SolverOut,
     ranges = list(_row_ranges(B, n, m))
     if cfg.grad == "envelope":
         for i0, i1 in ranges:
-            P = _log_plan_tile(tile(i0, i1), w, out.f, out.g, cfg.eps, i0, i1).exp()
+            P = _log_plan_tile(cost, w, out.f, out.g, cfg.eps, i0, i1)[0].exp_()
             sink.add(i0, i1, (gv + gvl)[:, None, None] * P)
     elif cfg.grad == "implicit":
-        _implicit(tile, ranges, a, b, w, out, gv, gvl, cfg, sink)
+        _implicit(cost, ranges, a, b, w, out, gv, gvl, cfg, sink)
     elif cfg.grad == "unrolled":
-        _unrolled(tile, ranges, a, b, w, out, gv, gvl, cfg, sink)
+        _unrolled(cost, ranges, a, b, w, out, gv, gvl, cfg, sink)
     else:
         raise ValueError(f"grad must be one of envelope, implicit, unrolled; got {cfg.grad!r}")
 
 
-def _implicit(tile: Tile, ranges: list[tuple[int, int]], a: torch.Tensor, b: torch.Tensor,
+def _implicit(cost: _Cost, ranges: list[tuple[int, int]], a: torch.Tensor, b: torch.Tensor,
               w: _Weights, out: SolverOut, gv: torch.Tensor, gvl: torch.Tensor,
               cfg: SolverConfig, sink: _GradSink) -> None:
     """The oracle's Jacobi-PCG (``implicit_linear_grad``) with ``P`` streamed per matvec."""
@@ -230,8 +278,8 @@ def _implicit(tile: Tile, ranges: list[tuple[int, int]], a: torch.Tensor, b: tor
     f, g, eps = out.f, out.g, cfg.eps
 
     def plan(i0: int, i1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        Ct = tile(i0, i1)
-        return _log_plan_tile(Ct, w, f, g, eps, i0, i1).exp(), Ct
+        lp, Ct = _log_plan_tile(cost, w, f, g, eps, i0, i1)
+        return lp.exp_(), Ct
 
     rhs_u, rhs_v = a.new_zeros(B, n), a.new_zeros(B, m)
     r, c = a.new_zeros(B, n), a.new_zeros(B, m)
@@ -290,7 +338,7 @@ def _implicit(tile: Tile, ranges: list[tuple[int, int]], a: torch.Tensor, b: tor
         sink.add(i0, i1, gv[:, None, None] * P + gvl[:, None, None] * lin)
 
 
-def _unrolled(tile: Tile, ranges: list[tuple[int, int]], a: torch.Tensor, b: torch.Tensor,
+def _unrolled(cost: _Cost, ranges: list[tuple[int, int]], a: torch.Tensor, b: torch.Tensor,
               w: _Weights, out: SolverOut, gv: torch.Tensor, gvl: torch.Tensor,
               cfg: SolverConfig, sink: _GradSink) -> None:
     """The oracle's reverse pass (``_unrolled``), one tile pass per iteration run."""
@@ -301,7 +349,7 @@ def _unrolled(tile: Tile, ranges: list[tuple[int, int]], a: torch.Tensor, b: tor
     log_r, log_c = a.new_full((B, n), NEG_INF), a.new_full((B, m), NEG_INF)
     if rho is not None:
         for i0, i1 in ranges:
-            lp = _log_plan_tile(tile(i0, i1), w, f, g, eps, i0, i1)
+            lp = _log_plan_tile(cost, w, f, g, eps, i0, i1)[0]
             log_r[:, i0:i1] = torch.logsumexp(lp, 2)
             log_c = torch.logaddexp(log_c, torch.logsumexp(lp, 1))
     ell_r, ell_c = a.new_zeros(B, n), a.new_zeros(B, m)
@@ -314,8 +362,8 @@ def _unrolled(tile: Tile, ranges: list[tuple[int, int]], a: torch.Tensor, b: tor
     fbar, gbar = a.new_zeros(B, n), a.new_zeros(B, m)
     dC_t: dict[tuple[int, int], torch.Tensor] = {}
     for i0, i1 in ranges:
-        Ct = tile(i0, i1)
-        P = _log_plan_tile(Ct, w, f, g, eps, i0, i1).exp()
+        lp, Ct = _log_plan_tile(cost, w, f, g, eps, i0, i1)
+        P = lp.exp_()
         S = f[:, i0:i1, None] + g[:, None, :] + ell_r[:, i0:i1, None] + ell_c[:, None, :]
         PQ = P * (gvl3 * Ct + gv3 * S) / eps
         fbar[:, i0:i1] = PQ.sum(2)
@@ -337,14 +385,13 @@ def _unrolled(tile: Tile, ranges: list[tuple[int, int]], a: torch.Tensor, b: tor
             # normalisers of the two softmaxes: LSE = −potential/(λ ε_t) for active problems
             col_norm = torch.where(act, -g_t / (lam * eps_t), 0.0)
             row_norm = torch.where(act, -f_t / (lam * eps_t), 0.0)
+            rb_t = w.la + f_t / eps_t
+            cb_t = w.lb + g_prev / eps_t
             for i0, i1 in ranges:
-                Ct = tile(i0, i1)
-                Tw = torch.exp(w.la[:, i0:i1, None] + (f_t[:, i0:i1, None] - Ct) / eps_t
-                               - col_norm[:, None, :])
+                Tw = cost.logits(i0, i1, eps_t, rb_t, -col_norm).exp_()
                 Tw = torch.where(act[:, :, None], Tw, 0.0)
                 fb_tile = fbar[:, i0:i1] - lam * torch.einsum("bij,bj->bi", Tw, gb)
-                Sw = torch.exp(w.lb[:, None, :] + (g_prev[:, None, :] - Ct) / eps_t
-                               - row_norm[:, i0:i1, None])
+                Sw = cost.logits(i0, i1, eps_t, -row_norm, cb_t).exp_()
                 Sw = torch.where(act[:, :, None], Sw, 0.0)
                 fb = torch.where(act, fb_tile, 0.0)
                 dC_t[(i0, i1)] = dC_t[(i0, i1)] + lam * (Tw * gb[:, None, :] + Sw * fb[:, :, None])
@@ -361,7 +408,7 @@ def backward(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: SolverOut,
     """``∂L/∂C`` [B, n, m] for ``cfg.grad`` (the oracle's contract), tile by tile."""
     B, n, m = C.shape
     sink = _GradSink(B, n, m, C, None)
-    _backward(_matrix_tiles(C), a, b, out, grad_value, grad_value_linear, cfg, sink)
+    _backward(_Cost(a, C=C), a, b, out, grad_value, grad_value_linear, cfg, sink)
     return sink.dC
 
 
@@ -374,5 +421,5 @@ def backward_sample(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.
     m = b.shape[1]
     xw, yw = x.to(a.dtype), y.to(a.dtype)
     sink = _GradSink(B, n, m, a, (xw, yw, cost, need_dy))
-    _backward(_point_tiles(x, y, cost, a), a, b, out, grad_value, grad_value_linear, cfg, sink)
+    _backward(_Cost(a, points=(x, y, cost)), a, b, out, grad_value, grad_value_linear, cfg, sink)
     return sink.dx.to(x.dtype), (None if sink.dy is None else sink.dy.to(y.dtype))
