@@ -1,4 +1,4 @@
-"""Streaming Triton kernels for large problems (docs/design.md §5, "Streaming kernel"), any n, m.
+"""The streaming Triton solver for large problems, any n, m (docs/design.md §5, "Streaming").
 
 Flash-style: every pass is one launch with one program per (row block, problem) that loops
 over column tiles, recomputing the cost tile on the fly — from points (``x·yᵀ`` on ``tl.dot``
@@ -39,12 +39,11 @@ from ...config import SolverConfig, SolverOut
 from .. import contract
 from .launch import DEFAULT_TILES, Tiles
 from .streaming_backward import _backward
-from .streaming_passes import COST_CODES, LOG2E, Problem
+from .streaming_passes import COST_CODES, Problem
 
 __all__ = [
     "COST_CODES",
     "DEFAULT_TILES",
-    "LOG2E",
     "Tiles",
     "forward",
     "backward",
