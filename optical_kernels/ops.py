@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .backends import contract
 from .config import SolverConfig, SolverOut
 from .costs import cost_matrix, cost_vjp
 
@@ -213,10 +214,7 @@ def _setup_dense(ctx, inputs, output) -> None:  # noqa: ANN001
 
 
 def _grads(ctx, gv: Tensor | None, gvl: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001
-    B = like.shape[0]
-    gv = like.new_zeros(B) if gv is None else gv.to(like.dtype)
-    gvl = like.new_zeros(B) if gvl is None else gvl.to(like.dtype)
-    return gv.contiguous(), gvl.contiguous()
+    return contract.grad_weights(gv, gvl, like.shape[0], like.dtype, like.device)
 
 
 def _backward_dense(ctx, df, dg, gv, gvl, *_):  # noqa: ANN001, ANN002, ANN202

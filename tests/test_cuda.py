@@ -411,23 +411,24 @@ def test_medium_sizes(target: str, grad: str) -> None:
 
 
 def test_opcheck(target: str) -> None:
-    """torch.library.opcheck of the four custom ops (schema, fake, autograd registration)."""
+    """torch.library.opcheck of the four custom ops (schema, fake, autograd registration) with
+    this backend behind them (ops.py is the one custom-op layer; the backend is plain Python)."""
+    from optical_kernels import ops
+
     P = _problem(2, 6, 5, 7, torch.float64, seed=1, device=target)
-    args = (P["C"], P["a"], P["b"], 0.1, None, 5, 0.0, 1, None, None, "unrolled")
-    torch.library.opcheck(ok_cuda.cuda_forward_op, args)
-    outs = ok_cuda.cuda_forward_op(*args)
+    scal = (0.1, None, 5, 0.0, 1, None, None, "unrolled")
+    args = (P["C"], P["a"], P["b"], "cuda", *scal)
+    torch.library.opcheck(ops.sinkhorn_op, args)
+    outs = ops.sinkhorn_op(*args)
     gv = torch.ones(2, dtype=torch.float64, device=target)
-    hist = (outs[6], outs[7])
-    bargs = (P["C"], P["a"], P["b"], outs[0], outs[1], outs[4], *hist, gv, gv)
-    torch.library.opcheck(
-        ok_cuda.cuda_backward_op, (*bargs, 0.1, None, 5, 0.0, 1, None, None, "unrolled", 0, 0.0)
-    )
-    sargs = (P["x"], P["y"], P["a"], P["b"], "cosine", 0.1, None, 5, 0.0, 1, None, None, "implicit")
-    torch.library.opcheck(ok_cuda.cuda_forward_sample_op, sargs)
-    so = ok_cuda.cuda_forward_sample_op(*sargs)
-    bs = (P["x"], P["y"], P["a"], P["b"], so[0], so[1], so[4], so[6], so[7], gv, gv, "cosine")
-    cfg = (0.1, None, 5, 0.0, 1, None, None, "implicit", 0, 0.0)
-    torch.library.opcheck(ok_cuda.cuda_backward_sample_op, (*bs, True, *cfg))
+    bargs = (P["C"], P["a"], P["b"], *outs, gv, gv)
+    torch.library.opcheck(ops.sinkhorn_backward_op, (*bargs, "cuda", *scal))
+    sscal = (0.1, None, 5, 0.0, 1, None, None, "implicit")
+    sargs = (P["x"], P["y"], P["a"], P["b"], "cosine", "cuda", *sscal)
+    torch.library.opcheck(ops.sinkhorn_sample_op, sargs)
+    so = ops.sinkhorn_sample_op(*sargs)
+    bs = (P["x"], P["y"], P["a"], P["b"], *so, gv, gv)
+    torch.library.opcheck(ops.sinkhorn_sample_backward_op, (*bs, True, "cosine", "cuda", *sscal))
 
 
 @pytest.mark.parametrize("limit", [0, 1])
@@ -520,11 +521,13 @@ def test_custom_op_fake_registrations(target: str) -> None:
     """The ops have fake implementations with the right shapes (what torch.compile uses)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    import optical_kernels.ops  # noqa: F401  (registers the custom ops)
+
     with FakeTensorMode():
         C = torch.empty(3, 5, 4)
         a, b = torch.empty(3, 5), torch.empty(3, 4)
-        outs = torch.ops.optical_kernels.cuda_forward(C, a, b, 0.1, None, 7, 0.0, 1, None, None,
-                                                      "unrolled")  # fmt: skip
+        outs = torch.ops.optical_kernels.sinkhorn(C, a, b, "cuda", 0.1, None, 7, 0.0, 1, None,
+                                                  None, "unrolled")  # fmt: skip
         assert [tuple(t.shape) for t in outs] == [(3, 5), (3, 4), (3,), (3,), (3,), (3,),
                                                   (7, 3, 5), (7, 3, 4)]  # fmt: skip
         assert outs[4].dtype == torch.int32
@@ -532,11 +535,12 @@ def test_custom_op_fake_registrations(target: str) -> None:
             torch.empty(3, 5, 8, dtype=torch.bfloat16),
             torch.empty(3, 4, 8, dtype=torch.bfloat16),
         )
-        dx, dy = torch.ops.optical_kernels.cuda_backward_sample(
-            x, y, a, b, outs[0], outs[1], outs[4], outs[6], outs[7], outs[2], outs[3], "cosine",
-            False, 0.1, None, 7, 0.0, 1, None, None, "unrolled", 0, 0.0,
+        dx, dy = torch.ops.optical_kernels.sinkhorn_sample_backward(
+            x, y, a, b, *outs, outs[2], outs[3], False, "cosine", "cuda",
+            0.1, None, 7, 0.0, 1, None, None, "unrolled",
         )  # fmt: skip
-        assert tuple(dx.shape) == (3, 5, 8) and dx.dtype == torch.float32 and dy.shape[0] == 0
+        # the op returns gradients in the points' dtype (backward_sample casts them back)
+        assert tuple(dx.shape) == (3, 5, 8) and dx.dtype == torch.bfloat16 and dy.shape[0] == 0
 
 
 @pytest.mark.gpu

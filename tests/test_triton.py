@@ -32,7 +32,7 @@ from optical_kernels.config import SolverConfig  # noqa: E402
 from optical_kernels.costs import centre, cost_matrix, cost_vjp  # noqa: E402
 
 _RES = sys.modules["optical_kernels.backends.triton.resident"]
-_BWD = sys.modules["optical_kernels.backends.triton.backward"]
+
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 (or a GPU)", allow_module_level=True)
@@ -418,37 +418,45 @@ def test_is_available_and_supports() -> None:
 
 # --------------------------------------------------------------------------- custom ops
 def test_custom_ops_opcheck() -> None:
+    """opcheck of the custom ops (ops.py, the one custom-op layer) with the triton backend
+    behind them: the backend itself is plain Python over its kernels."""
+    from optical_kernels import ops
+
     gen = torch.Generator().manual_seed(9)
     B, n, m, d = 2, 4, 3, 8
     a = weights(B, n, None, torch.float32, gen)
     b = weights(B, m, None, torch.float32, gen)
     x, y = points(B, n, m, d, a, b, "cosine", torch.float32, gen)
-    fwd_args = (None, x, y, a, b, "cosine", 0.1, None, 5, 0.0, 5, None, None, True, False)
-    torch.library.opcheck(_RES.resident_forward_op, fwd_args,
+    scal = (0.1, None, 5, 0.0, 5, None, None, "unrolled")
+    fwd_args = (x, y, a, b, "cosine", "triton", *scal)
+    torch.library.opcheck(ops.sinkhorn_sample_op, fwd_args,
                           test_utils=("test_schema", "test_faketensor"))
-    f, g, _, _, nit, _, hf, hg = _RES.resident_forward_op(*fwd_args)
+    outs = ops.sinkhorn_sample_op(*fwd_args)
     gv, gl = torch.ones(B), torch.ones(B)
-    bwd_args = (None, x, y, a, b, f, g, nit, hf, hg, gv, gl, "cosine", True, "unrolled",
-                0.1, None, 5, None, None, 0, 0.0)
-    torch.library.opcheck(_BWD.resident_backward_op, bwd_args,
+    bwd_args = (x, y, a, b, *outs, gv, gl, True, "cosine", "triton", *scal)
+    torch.library.opcheck(ops.sinkhorn_sample_backward_op, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_traces_the_ops() -> None:
     """Dynamo + AOTAutograd trace the custom ops through their fake implementations
     (``aot_eager``: no inductor codegen, so it is cheap on CPU)."""
+    from optical_kernels import ops
+
     gen = torch.Generator().manual_seed(13)
     B, n, m, d = 2, 5, 4, 8
     a = weights(B, n, None, torch.float32, gen)
     b = weights(B, m, None, torch.float32, gen)
     x, y = points(B, n, m, d, a, b, "cosine", torch.float32, gen)
     cfg = cfg_of(grad="implicit", max_iter=10)
+    scal = ops.config_args(cfg)
 
     def loss(x_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = T.forward_sample(x_, y, a, b, "cosine", cfg)
-        gv = torch.ones_like(out.value)
-        dx, _ = T.backward_sample(x_, y, a, b, "cosine", out, gv, gv, cfg, need_dy=False)
-        return out.value_linear, dx
+        outs = ops.sinkhorn_sample_op(x_, y, a, b, "cosine", "triton", *scal)
+        gv = torch.ones_like(outs[2])
+        dx, _ = ops.sinkhorn_sample_backward_op(x_, y, a, b, *outs, gv, gv, False, "cosine",
+                                                "triton", *scal)
+        return outs[3], dx
 
     torch._dynamo.reset()
     got = torch.compile(loss, backend="aot_eager", fullgraph=True)(x)

@@ -20,6 +20,7 @@ triton = pytest.importorskip("triton")
 from optical_kernels import costs  # noqa: E402
 from optical_kernels.backends import torch as ref  # noqa: E402
 from optical_kernels.backends.triton import streaming as st  # noqa: E402
+from optical_kernels.backends.triton import streaming_passes as sp  # noqa: E402  (the launchers)
 from optical_kernels.config import SolverConfig  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -162,7 +163,7 @@ def test_forward_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(st, "_solve", guarded)
     if INTERPRET:  # the interpreter itself reads launch arguments on the host
-        monkeypatch.setattr(st, "_lse_kernel", _NoRun())
+        monkeypatch.setattr(sp, "_lse_kernel", _NoRun())
     st.forward_sample(x, y, a, b, "cosine", cfg, tiles=SMALL)
 
 
@@ -305,6 +306,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from optical_kernels.config import SolverConfig
 from optical_kernels.backends.triton import streaming as st
+from optical_kernels.backends.triton import streaming_passes as sp
 
 TY = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.int32: "i32"}
 seen = {}
@@ -327,7 +329,7 @@ class Record:  # stands in for a kernel: records signature + constexprs, runs no
             seen[key] = (self.fn, sig, kw, num_warps, num_stages)
         return launch
 
-st._lse_kernel, st._plan_kernel = Record(st._lse_kernel), Record(st._plan_kernel)
+sp._lse_kernel, sp._plan_kernel = Record(sp._lse_kernel), Record(sp._plan_kernel)
 B, n, m = 2, 300, 200
 a, b = torch.full((B, n), 1 / n), torch.full((B, m), 1 / m)
 for dt, d, prec in ((torch.float32, 64, "ieee"), (torch.bfloat16, 64, "ieee")):

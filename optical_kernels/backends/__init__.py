@@ -12,6 +12,8 @@ from types import ModuleType
 # oracle backend) sets the package attribute ``torch``, i.e. this module's global of that name.
 import torch as _torch
 
+from . import contract
+
 BACKENDS = ("torch", "cpu", "triton", "cuda", "online")
 _MODULES = {
     "torch": "optical_kernels.backends.torch",
@@ -37,7 +39,11 @@ _loaded: dict[str, ModuleType | None] = {}
 
 
 def load(name: str) -> ModuleType | None:
-    """The backend module (imported once, then cached), or ``None`` if it cannot be imported."""
+    """The backend module (imported once, then cached), or ``None`` if it cannot be imported.
+
+    A module that imports but does not implement the backend contract raises ``TypeError``
+    naming what it lacks (:func:`optical_kernels.backends.contract.check_module`): that is a
+    defect of the package, not a missing install, and is never reported as "unavailable"."""
     path = _MODULES[name]  # the cache is keyed by module path (tests swap _MODULES entries)
     if path in _loaded:
         return _loaded[path]
@@ -46,6 +52,8 @@ def load(name: str) -> ModuleType | None:
     except ImportError as exc:
         _import_errors[name] = str(exc)
         mod = None
+    if mod is not None:
+        contract.check_module(mod, path)
     _loaded[path] = mod
     return mod
 

@@ -6,10 +6,11 @@ variant the CPU supports is loaded (:func:`supported_isas`), or the one named by
 ``OPTICAL_KERNELS_CPU_ISA`` (e.g. ``avx2`` to measure the AVX2 kernels on an AVX-512 host).
 :data:`ISA` names the variant in use; ``backends()["cpu"]["reason"]`` reports it.
 
-Implements the backend contract of :mod:`optical_kernels.config` (``forward``, ``backward``,
-``is_available``) for CPU tensors in float32 and float64 (float16/bfloat16 are upcast to
-float32). The C++ module receives raw data pointers, sizes and element strides; this wrapper
-checks the inputs, allocates every output with torch and calls into C++ with the GIL released.
+Implements the backend contract of :mod:`optical_kernels.backends.contract` (``forward``,
+``backward``, ``is_available``) for CPU tensors in float32 and float64 (float16/bfloat16 are
+upcast to float32). The C++ module receives raw data pointers, sizes and element strides;
+this wrapper checks the inputs, allocates every output with torch and calls into C++ with the
+GIL released.
 
 How it computes the same map as the reference (docs/design.md §2, §5):
 
@@ -46,6 +47,7 @@ import os
 import torch
 
 from ..config import SolverConfig, SolverOut
+from . import contract
 
 #: ISA variants of the compiled module, best first (setup.py builds ``_cpu_<isa>`` for each).
 ISA_VARIANTS = ("native", "avx512", "avx2", "base")
@@ -188,29 +190,18 @@ def _require() -> None:
         raise RuntimeError(is_available()[1])
 
 
-def _work(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
 def _check(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Validate ``C`` [B, n, m], ``a`` [B, n], ``b`` [B, m] (CPU, one float dtype)."""
     for name, t in (("C", C), ("a", a), ("b", b)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        contract.check_type(name, t)
         if t.device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors; {name} is on {t.device}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
-    if C.dim() != 3:
-        raise ValueError(f"C must have shape [B, n, m], got {tuple(C.shape)}")
-    B, n, m = C.shape
-    if tuple(a.shape) != (B, n):
-        raise ValueError(f"a must have shape {(B, n)}, got {tuple(a.shape)}")
-    if tuple(b.shape) != (B, m):
-        raise ValueError(f"b must have shape {(B, m)}, got {tuple(b.shape)}")
-    C = _work(C)
+        contract.check_floating(name, t)
+    contract.check_cost_matrix(C)
+    contract.check_weights(a, b, *C.shape)
+    C = contract.upcast(C)
     dtype = C.dtype
-    a, b = _work(a).to(dtype), _work(b).to(dtype)
+    a, b = contract.upcast(a).to(dtype), contract.upcast(b).to(dtype)
     return C.detach(), a.detach().contiguous(), b.detach().contiguous()
 
 
@@ -251,16 +242,11 @@ def forward(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig
     C, a, b = _check(C, a, b)
     B, n, m = C.shape
     dt = C.dtype
-    f = torch.zeros(B, n, dtype=dt)
-    g = torch.zeros(B, m, dtype=dt)
-    value = torch.zeros(B, dtype=dt)
-    value_linear = torch.zeros(B, dtype=dt)
-    n_iters = torch.zeros(B, dtype=torch.int32)
-    err = torch.zeros(B, dtype=dt)
-    unrolled = cfg.grad == "unrolled"
+    out = contract.empty_out(B, n, m, dt, C.device, cfg)  # the C++ side writes into it
+    f, g, value, value_linear, n_iters, err, _ = out
+    unrolled = out.history is not None
+    hist_f, hist_g = out.history if unrolled else (None, None)
     T = cfg.max_iter
-    hist_f = torch.zeros(T if unrolled else 0, B, n, dtype=dt)
-    hist_g = torch.zeros(T if unrolled else 0, B, m, dtype=dt)
     eps_t = _eps_schedule(cfg, T)
     if B > 0 and n > 0 and m > 0:
         _cpu.forward(
@@ -277,8 +263,7 @@ def forward(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig
             hist_f.data_ptr() if unrolled else 0, hist_g.data_ptr() if unrolled else 0,
             torch.get_num_threads(), 0.0, int(LOG_DOMAIN), PAR_MIN,
         )  # fmt: skip
-    history = (hist_f, hist_g) if unrolled else None
-    return SolverOut(f, g, value, value_linear, n_iters, err, history)
+    return out
 
 
 def backward(
@@ -299,32 +284,18 @@ def backward(
     it only the direct partials at the final potentials are returned (as the reference).
     """
     _require()
-    if cfg.grad not in _MODES:
-        raise ValueError(f"grad must be one of {tuple(_MODES)}, got {cfg.grad!r}")
+    contract.check_grad(cfg)
     C, a, b = _check(C, a, b)
     B, n, m = C.shape
     dt = C.dtype
     f = out.f.detach().to(dt).contiguous()
     g = out.g.detach().to(dt).contiguous()
     n_iters = out.n_iters.detach().to(torch.int32).contiguous()
-    gv = torch.zeros(B, dtype=dt) if grad_value is None else grad_value.detach().to(dt)
-    gl = (
-        torch.zeros(B, dtype=dt) if grad_value_linear is None else grad_value_linear.detach().to(dt)
-    )
-    gv, gl = gv.reshape(B).contiguous(), gl.reshape(B).contiguous()
+    gv, gl = contract.grad_weights(grad_value, grad_value_linear, B, dt, C.device)
     dC = torch.zeros(B, n, m, dtype=dt)
-    hist_f = hist_g = None
-    T = 0
-    if cfg.grad == "unrolled" and out.history is not None:
-        hist_f, hist_g = out.history
-        hist_f = hist_f.detach().to(dt).contiguous()
-        hist_g = hist_g.detach().to(dt).contiguous()
-        T = int(hist_f.shape[0])
-        if tuple(hist_f.shape) != (T, B, n) or tuple(hist_g.shape) != (T, B, m):
-            raise ValueError(
-                f"out.history must be (hist_f [T, {B}, {n}], hist_g [T, {B}, {m}]), got "
-                f"{tuple(hist_f.shape)}, {tuple(hist_g.shape)}"
-            )
+    hist = contract.history(out, cfg, B, n, m, dt)
+    hist_f, hist_g = hist if hist is not None else (None, None)
+    T = int(hist_f.shape[0]) if hist_f is not None else 0
     eps_t = _eps_schedule(cfg, T)
     if B > 0 and n > 0 and m > 0:
         _cpu.backward(

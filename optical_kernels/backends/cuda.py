@@ -1,6 +1,6 @@
 """The ``cuda`` backend: resident CUDA C++ kernels (``optical_kernels._cuda``, csrc/cuda).
 
-Implements the backend contract of :mod:`optical_kernels.config` for CUDA tensors with
+Implements the backend contract (:mod:`optical_kernels.backends.contract`) for CUDA tensors with
 ``n, m ≤ 256`` (:data:`MAX_SIZE`): ``forward``, ``backward``, ``forward_sample``,
 ``backward_sample`` and ``is_available``. Larger problems raise ``ValueError``; the API routes
 them to another backend.
@@ -24,10 +24,9 @@ One thread block per problem (docs/design.md §5, resident kernel):
   potentials ``history = (hist_f [T, B, n], hist_g [T, B, m])`` in reverse; ``*_sample``
   finish with the chain rule ``dx``, ``dy`` (tensor-core products ``G ŷ``, ``Gᵀ x̂``).
 
-The kernels are launched on ``torch.cuda.current_stream()`` without host synchronisation. Each
-entry point is a ``torch.library.custom_op`` (``optical_kernels::cuda_forward``,
-``cuda_backward``, ``cuda_forward_sample``, ``cuda_backward_sample``) with a fake
-implementation, so ``torch.compile`` can trace through it.
+The kernels are launched on ``torch.cuda.current_stream()`` without host synchronisation. The
+functions here are plain Python over the compiled module: ``torch.compile`` traces them through
+the custom ops of :mod:`optical_kernels.ops` (the one custom-op layer), never directly.
 
 Environment: ``OPTICAL_KERNELS_CUDA_MMA=0`` disables the tensor-core products (FMA fallback).
 """
@@ -41,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..config import SolverConfig, SolverOut
-from ..ops import config_args, config_from_args, fake_outputs
+from . import contract
 
 try:  # the compiled extension is optional (built by setup.py only where nvcc exists)
     from .. import _cuda  # type: ignore[attr-defined]
@@ -101,12 +100,6 @@ def _use_mma() -> bool:
     return os.environ.get("OPTICAL_KERNELS_CUDA_MMA", "1") != "0"
 
 
-def _check_types(*named: tuple[str, object]) -> None:
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
 def _require_device(*named: tuple[str, Tensor]) -> None:
     """CUDA tensors on one device and a usable module (the emulator takes CPU tensors)."""
     if _emulated:
@@ -128,10 +121,6 @@ def _check_size(n: int, m: int) -> None:
             f"backend='cuda' handles n, m <= {MAX_SIZE} (resident kernels); got n={n}, m={m}. "
             "Use backend='triton' or 'torch' for larger problems"
         )
-
-
-def _work(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _stream(t: Tensor) -> int:
@@ -184,117 +173,25 @@ def _launch(p: object, backward: bool, like: Tensor) -> None:
         _impl.forward(p)  # type: ignore[union-attr]
 
 
-_FwdOuts = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
-
-
-def _alloc_forward(
-    B: int, n: int, m: int, dt: torch.dtype, device: torch.device, unrolled: bool, T: int
-) -> _FwdOuts:
-    z = dict(dtype=dt, device=device)
-    return (
-        torch.empty(B, n, **z),
-        torch.empty(B, m, **z),
-        torch.empty(B, **z),
-        torch.empty(B, **z),
-        torch.empty(B, dtype=torch.int32, device=device),
-        torch.empty(B, **z),
-        torch.zeros(T if unrolled else 0, B, n, **z),
-        torch.zeros(T if unrolled else 0, B, m, **z),
-    )
-
-
-def _set_forward_outputs(p: object, outs: _FwdOuts, unrolled: bool) -> None:
-    f, g, value, value_linear, n_iters, err, hf, hg = outs
-    p.f, p.g = f.data_ptr(), g.data_ptr()  # type: ignore[attr-defined]
-    p.value, p.value_linear = value.data_ptr(), value_linear.data_ptr()  # type: ignore[attr-defined]
-    p.n_iters, p.err = n_iters.data_ptr(), err.data_ptr()  # type: ignore[attr-defined]
-    if unrolled:
+def _set_forward_outputs(p: object, out: SolverOut) -> None:
+    p.f, p.g = out.f.data_ptr(), out.g.data_ptr()  # type: ignore[attr-defined]
+    p.value, p.value_linear = out.value.data_ptr(), out.value_linear.data_ptr()  # type: ignore[attr-defined]
+    p.n_iters, p.err = out.n_iters.data_ptr(), out.err.data_ptr()  # type: ignore[attr-defined]
+    if out.history is not None:
+        hf, hg = out.history
         p.hist_f, p.hist_g, p.hist_T = hf.data_ptr(), hg.data_ptr(), hf.shape[0]  # type: ignore[attr-defined]
 
 
-def _zero_outputs(outs: _FwdOuts) -> None:
-    for t in outs:
-        t.zero_()
-
-
-# --------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("optical_kernels::cuda_forward", mutates_args=())
-def cuda_forward_op(
-    C: Tensor,
-    a: Tensor,
-    b: Tensor,
-    eps: float,
-    rho: float | None,
-    max_iter: int,
-    tol: float,
-    check_every: int,
-    sched_start: float | None,
-    sched_factor: float | None,
-    grad: str,
-) -> _FwdOuts:
-    """Resident forward on C [B, n, m] -> (f, g, value, value_linear, n_iters, err, hf, hg)."""
-    cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
-    B, n, m = C.shape
-    unrolled = grad == "unrolled"
-    outs = _alloc_forward(B, n, m, C.dtype, C.device, unrolled, max_iter)
-    if B == 0 or n == 0 or m == 0:
-        _zero_outputs(outs)
-        return outs
-    a, b = a.contiguous(), b.contiguous()
-    p = _params(B, n, m, C.dtype, C, cfg)
-    p.in_dtype = p.dtype
-    p.cost = 0
-    p.C = C.data_ptr()
-    p.sC = tuple(C.stride())
-    p.a, p.b = a.data_ptr(), b.data_ptr()
-    _set_forward_outputs(p, outs, unrolled)
-    _launch(p, False, C)
-    return outs
-
-
-@cuda_forward_op.register_fake
-def _(C, a, b, eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad):  # noqa: ANN001, ANN202
-    B, n, m = C.shape
-    return fake_outputs(B, n, m, C, grad, max_iter)
-
-
-@torch.library.custom_op("optical_kernels::cuda_forward_sample", mutates_args=())
-def cuda_forward_sample_op(
-    x: Tensor,
-    y: Tensor,
-    a: Tensor,
-    b: Tensor,
-    cost: str,
-    eps: float,
-    rho: float | None,
-    max_iter: int,
-    tol: float,
-    check_every: int,
-    sched_start: float | None,
-    sched_factor: float | None,
-    grad: str,
-) -> _FwdOuts:
-    """Resident forward with the cost fused from x [B, n, d], y [B, m, d]; outputs in a.dtype."""
-    cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
-    B, n, d = x.shape
-    m = y.shape[1]
-    unrolled = grad == "unrolled"
-    outs = _alloc_forward(B, n, m, a.dtype, a.device, unrolled, max_iter)
-    if B == 0 or n == 0 or m == 0:
-        _zero_outputs(outs)
-        return outs
-    a, b = a.contiguous(), b.contiguous()
-    p = _params(B, n, m, a.dtype, a, cfg)
-    _set_points(p, x, y, cost)
-    p.a, p.b = a.data_ptr(), b.data_ptr()
-    _set_forward_outputs(p, outs, unrolled)
-    _launch(p, False, a)
-    return outs
-
-
-@cuda_forward_sample_op.register_fake
-def _(x, y, a, b, cost, eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad):  # noqa: ANN001, ANN202
-    return fake_outputs(x.shape[0], x.shape[1], y.shape[1], a, grad, max_iter)
+def _new_out(B: int, n: int, m: int, dt: torch.dtype, device: torch.device,
+             cfg: SolverConfig) -> SolverOut:
+    """Forward outputs for the kernel to write (the history zeroed: rows past n_iters stay 0)."""
+    z = dict(dtype=dt, device=device)
+    hf, hg = contract.new_history(cfg, B, n, m, dt, device)
+    return contract.solver_out(
+        torch.empty(B, n, **z), torch.empty(B, m, **z), torch.empty(B, **z),
+        torch.empty(B, **z), torch.empty(B, dtype=torch.int32, device=device),
+        torch.empty(B, **z), hf, hg, cfg,
+    )  # fmt: skip
 
 
 def _set_points(p: object, x: Tensor, y: Tensor, cost: str) -> None:
@@ -305,182 +202,66 @@ def _set_points(p: object, x: Tensor, y: Tensor, cost: str) -> None:
     p.y, p.sy = y.data_ptr(), tuple(y.stride())  # type: ignore[attr-defined]
 
 
-def _set_backward_inputs(
-    p: object,
-    f: Tensor,
-    g: Tensor,
-    n_iters: Tensor,
-    hist_f: Tensor,
-    hist_g: Tensor,
-    grad_value: Tensor,
-    grad_value_linear: Tensor,
-    mode: str,
-    cg_max_iter: int,
-    cg_tol: float,
+def _set_matrix(p: object, C: Tensor) -> None:
+    p.in_dtype = p.dtype  # type: ignore[attr-defined]
+    p.cost = 0  # type: ignore[attr-defined]
+    p.C, p.sC = C.data_ptr(), tuple(C.stride())  # type: ignore[attr-defined]
+
+
+def _backward_inputs(
+    p: object, out: SolverOut, gv: Tensor | None, gl: Tensor | None, cfg: SolverConfig,
+    B: int, n: int, m: int, dt: torch.dtype, device: torch.device,
 ) -> tuple[Tensor, ...]:
-    """Point ``p`` at the backward inputs; returns the (contiguous) tensors to keep alive."""
-    f, g, n_iters = f.contiguous(), g.contiguous(), n_iters.contiguous()
-    hist_f, hist_g = hist_f.contiguous(), hist_g.contiguous()
-    grad_value, grad_value_linear = grad_value.contiguous(), grad_value_linear.contiguous()
-    p.mode = _MODES[mode]  # type: ignore[attr-defined]
+    """Point ``p`` at the backward inputs (cast to ``dt``, contiguous); returns the tensors
+    to keep alive across the launch."""
+    gv, gl = contract.grad_weights(gv, gl, B, dt, device)
+    hist = contract.history(out, cfg, B, n, m, dt)
+    f = out.f.detach().to(dt).contiguous()
+    g = out.g.detach().to(dt).contiguous()
+    n_iters = out.n_iters.detach().to(torch.int32).contiguous()
+    p.mode = _MODES[cfg.grad]  # type: ignore[attr-defined]
     p.f, p.g, p.n_iters = f.data_ptr(), g.data_ptr(), n_iters.data_ptr()  # type: ignore[attr-defined]
-    if mode == "unrolled" and hist_f.numel() > 0 and hist_g.numel() > 0:
-        p.hist_f, p.hist_g, p.hist_T = hist_f.data_ptr(), hist_g.data_ptr(), hist_f.shape[0]  # type: ignore[attr-defined]
-    p.grad_value = grad_value.data_ptr()  # type: ignore[attr-defined]
-    p.grad_value_linear = grad_value_linear.data_ptr()  # type: ignore[attr-defined]
-    p.cg_max_iter, p.cg_tol = int(cg_max_iter), float(cg_tol)  # type: ignore[attr-defined]
-    return f, g, n_iters, hist_f, hist_g, grad_value, grad_value_linear
+    if hist is not None and hist[0].numel() > 0 and hist[1].numel() > 0:
+        p.hist_f, p.hist_g, p.hist_T = hist[0].data_ptr(), hist[1].data_ptr(), hist[0].shape[0]  # type: ignore[attr-defined]
+    p.grad_value, p.grad_value_linear = gv.data_ptr(), gl.data_ptr()  # type: ignore[attr-defined]
+    p.cg_max_iter, p.cg_tol = int(cfg.cg_max_iter), float(cfg.cg_tol)  # type: ignore[attr-defined]
+    return (f, g, n_iters, gv, gl) + (hist or ())
 
 
-@torch.library.custom_op("optical_kernels::cuda_backward", mutates_args=())
-def cuda_backward_op(
-    C: Tensor,
-    a: Tensor,
-    b: Tensor,
-    f: Tensor,
-    g: Tensor,
-    n_iters: Tensor,
-    hist_f: Tensor,
-    hist_g: Tensor,
-    grad_value: Tensor,
-    grad_value_linear: Tensor,
-    eps: float,
-    rho: float | None,
-    max_iter: int,
-    tol: float,
-    check_every: int,
-    sched_start: float | None,
-    sched_factor: float | None,
-    grad: str,
-    cg_max_iter: int,
-    cg_tol: float,
-) -> Tensor:
-    """dL/dC [B, n, m] for the gradient mode ``grad``."""
-    cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
-    B, n, m = C.shape
-    G = torch.empty(B, n, m, dtype=C.dtype, device=C.device)
-    if B == 0 or n == 0 or m == 0:
-        return G.zero_()
-    a, b = a.contiguous(), b.contiguous()
-    p = _params(B, n, m, C.dtype, C, cfg)
-    p.in_dtype = p.dtype
-    p.cost = 0
-    p.C, p.sC = C.data_ptr(), tuple(C.stride())
-    p.a, p.b = a.data_ptr(), b.data_ptr()
-    keep = _set_backward_inputs(
-        p, f, g, n_iters, hist_f, hist_g, grad_value, grad_value_linear, grad, cg_max_iter, cg_tol
-    )
-    p.G = G.data_ptr()
-    _launch(p, True, C)
-    del keep
-    return G
-
-
-@cuda_backward_op.register_fake
-def _(C, *args):  # noqa: ANN001, ANN002, ANN202
-    return torch.empty_like(C)
-
-
-@torch.library.custom_op("optical_kernels::cuda_backward_sample", mutates_args=())
-def cuda_backward_sample_op(
-    x: Tensor,
-    y: Tensor,
-    a: Tensor,
-    b: Tensor,
-    f: Tensor,
-    g: Tensor,
-    n_iters: Tensor,
-    hist_f: Tensor,
-    hist_g: Tensor,
-    grad_value: Tensor,
-    grad_value_linear: Tensor,
-    cost: str,
-    need_dy: bool,
-    eps: float,
-    rho: float | None,
-    max_iter: int,
-    tol: float,
-    check_every: int,
-    sched_start: float | None,
-    sched_factor: float | None,
-    grad: str,
-    cg_max_iter: int,
-    cg_tol: float,
-) -> tuple[Tensor, Tensor]:
-    """(dL/dx [B, n, d], dL/dy [B, m, d] or an empty tensor), in a.dtype."""
-    cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
-    B, n, d = x.shape
-    m = y.shape[1]
-    dx = torch.empty(B, n, d, dtype=a.dtype, device=a.device)
-    dy = torch.empty(B if need_dy else 0, m, d, dtype=a.dtype, device=a.device)
-    if B == 0 or n == 0 or m == 0:
-        return dx.zero_(), dy.zero_()
-    a, b = a.contiguous(), b.contiguous()
-    p = _params(B, n, m, a.dtype, a, cfg)
-    _set_points(p, x, y, cost)
-    p.a, p.b = a.data_ptr(), b.data_ptr()
-    keep = _set_backward_inputs(
-        p, f, g, n_iters, hist_f, hist_g, grad_value, grad_value_linear, grad, cg_max_iter, cg_tol
-    )
-    p.dx = dx.data_ptr()
-    if need_dy:
-        p.dy, p.need_dy = dy.data_ptr(), 1
-    _launch(p, True, a)
-    del keep
-    return dx, dy
-
-
-@cuda_backward_sample_op.register_fake
-def _(x, y, a, b, f, g, n_iters, hist_f, hist_g, gv, gl, cost, need_dy, *args):  # noqa: ANN001, ANN002, ANN202
-    B, n, d = x.shape
-    return a.new_empty(B, n, d), a.new_empty(B if need_dy else 0, y.shape[1], d)
-
-
-# --------------------------------------------------------------------------- contract
-def _check_weights(
+# --------------------------------------------------------------------------- input checks
+def _weights(
     C_shape: tuple[int, int, int], a: Tensor, b: Tensor, dt: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    B, n, m = C_shape
-    if tuple(a.shape) != (B, n):
-        raise ValueError(f"a must have shape {(B, n)}, got {tuple(a.shape)}")
-    if tuple(b.shape) != (B, m):
-        raise ValueError(f"b must have shape {(B, m)}, got {tuple(b.shape)}")
-    for name, t in (("a", a), ("b", b)):
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    contract.check_weights(a, b, *C_shape)
+    contract.check_floating("a", a)
+    contract.check_floating("b", b)
     return a.detach().to(dt).contiguous(), b.detach().to(dt).contiguous()
 
 
 def _check_matrix(C: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    _check_types(("C", C), ("a", a), ("b", b))
-    if not C.is_floating_point():
-        raise TypeError(f"C must be a floating tensor, got {C.dtype}")
-    if C.dim() != 3:
-        raise ValueError(f"C must have shape [B, n, m], got {tuple(C.shape)}")
+    for name, t in (("C", C), ("a", a), ("b", b)):
+        contract.check_type(name, t)
+    contract.check_floating("C", C)
+    contract.check_cost_matrix(C)
     _check_size(C.shape[1], C.shape[2])
     _require_device(("C", C), ("a", a), ("b", b))
-    C = _work(C.detach())
+    C = contract.upcast(C.detach())
     if C.stride(-1) != 1:
         C = C.contiguous()
-    a, b = _check_weights(tuple(C.shape), a, b, C.dtype)
+    a, b = _weights(tuple(C.shape), a, b, C.dtype)
     return C, a, b
 
 
 def _check_points(x: Tensor, y: Tensor, a: Tensor, b: Tensor, cost: str) -> tuple[Tensor, ...]:
-    _check_types(("x", x), ("y", y), ("a", a), ("b", b))
-    if cost not in _COSTS:
-        raise ValueError(f"cost must be one of {tuple(_COSTS)}, got {cost!r}")
-    if x.dim() != 3 or y.dim() != 3:
-        raise ValueError(
-            f"x, y must be [B, n, d], [B, m, d]; got {tuple(x.shape)}, {tuple(y.shape)}"
-        )
-    if x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
-        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} disagree on B or d")
-    if x.dtype != y.dtype or x.dtype not in _DTYPES:
+    for name, t in (("x", x), ("y", y), ("a", a), ("b", b)):
+        contract.check_type(name, t)
+    contract.check_cost(cost)
+    contract.check_points(x, y)
+    if x.dtype not in _DTYPES:
         raise TypeError(f"x and y must share a floating dtype, got {x.dtype} and {y.dtype}")
     _check_size(x.shape[1], y.shape[1])
     _require_device(("x", x), ("y", y), ("a", a), ("b", b))
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = contract.compute_dtype(x.dtype)
     if a.dtype == torch.float64 and x.dtype != torch.float64:
         x, y = x.to(torch.float64), y.to(torch.float64)
         dt = torch.float64
@@ -489,38 +270,11 @@ def _check_points(x: Tensor, y: Tensor, a: Tensor, b: Tensor, cost: str) -> tupl
         x = x.contiguous()
     if y.shape[2] > 0 and y.stride(-1) != 1:
         y = y.contiguous()
-    a, b = _check_weights((x.shape[0], x.shape[1], y.shape[1]), a, b, dt)
+    a, b = _weights((x.shape[0], x.shape[1], y.shape[1]), a, b, dt)
     return x, y, a, b
 
 
-def _grads(B: int, gv: Tensor | None, gl: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
-    gv = like.new_zeros(B) if gv is None else gv.detach().to(like.dtype).reshape(B)
-    gl = like.new_zeros(B) if gl is None else gl.detach().to(like.dtype).reshape(B)
-    return gv.contiguous(), gl.contiguous()
-
-
-def _history(
-    out: SolverOut, cfg: SolverConfig, like: Tensor, B: int, n: int, m: int
-) -> tuple[Tensor, Tensor]:
-    if cfg.grad == "unrolled" and out.history is not None:
-        hf, hg = out.history
-        hf = hf.detach().to(like.dtype).contiguous()
-        hg = hg.detach().to(like.dtype).contiguous()
-        T = hf.shape[0]
-        if tuple(hf.shape) != (T, B, n) or tuple(hg.shape) != (T, B, m):
-            raise ValueError(
-                f"out.history must be (hist_f [T, {B}, {n}], hist_g [T, {B}, {m}]), got "
-                f"{tuple(hf.shape)}, {tuple(hg.shape)}"
-            )
-        return hf, hg
-    return like.new_zeros(0, B, n), like.new_zeros(0, B, m)
-
-
-def _check_grad_mode(cfg: SolverConfig) -> None:
-    if cfg.grad not in _MODES:
-        raise ValueError(f"grad must be one of {tuple(_MODES)}, got {cfg.grad!r}")
-
-
+# --------------------------------------------------------------------------- contract
 def forward(C: Tensor, a: Tensor, b: Tensor, cfg: SolverConfig) -> SolverOut:
     """Solve a padded batch: ``C`` [B, n, m], ``a`` [B, n], ``b`` [B, m] -> :class:`SolverOut`.
 
@@ -530,14 +284,16 @@ def forward(C: Tensor, a: Tensor, b: Tensor, cfg: SolverConfig) -> SolverOut:
     (rows past ``n_iters`` are 0 and never read). float16/bfloat16 ``C`` is upcast to float32.
     """
     C, a, b = _check_matrix(C, a, b)
-    outs = cuda_forward_op(C, a, b, *config_args(cfg))
-    return _to_out(outs, cfg)
-
-
-def _to_out(outs: _FwdOuts, cfg: SolverConfig) -> SolverOut:
-    f, g, value, value_linear, n_iters, err, hf, hg = outs
-    history = (hf, hg) if cfg.grad == "unrolled" else None
-    return SolverOut(f, g, value, value_linear, n_iters, err, history)
+    B, n, m = C.shape
+    if B == 0 or n == 0 or m == 0:
+        return contract.empty_out(B, n, m, C.dtype, C.device, cfg)
+    out = _new_out(B, n, m, C.dtype, C.device, cfg)
+    p = _params(B, n, m, C.dtype, C, cfg)
+    _set_matrix(p, C)
+    p.a, p.b = a.data_ptr(), b.data_ptr()
+    _set_forward_outputs(p, out)
+    _launch(p, False, C)
+    return out
 
 
 def backward(
@@ -557,17 +313,20 @@ def backward(
     ``out.history``; without a history only the direct partials at the final potentials
     (as the reference).
     """
-    _check_grad_mode(cfg)
+    contract.check_grad(cfg)
     C, a, b = _check_matrix(C, a, b)
     B, n, m = C.shape
-    gv, gl = _grads(B, grad_value, grad_value_linear, C)
-    hf, hg = _history(out, cfg, C, B, n, m)
-    f = out.f.detach().to(C.dtype).contiguous()
-    g = out.g.detach().to(C.dtype).contiguous()
-    n_iters = out.n_iters.detach().to(torch.int32).contiguous()
-    return cuda_backward_op(
-        C, a, b, f, g, n_iters, hf, hg, gv, gl, *config_args(cfg), cfg.cg_max_iter, cfg.cg_tol
-    )
+    G = torch.empty(B, n, m, dtype=C.dtype, device=C.device)
+    if B == 0 or n == 0 or m == 0:
+        return G.zero_()
+    p = _params(B, n, m, C.dtype, C, cfg)
+    _set_matrix(p, C)
+    p.a, p.b = a.data_ptr(), b.data_ptr()
+    keep = _backward_inputs(p, out, grad_value, grad_value_linear, cfg, B, n, m, C.dtype, C.device)
+    p.G = G.data_ptr()
+    _launch(p, True, C)
+    del keep
+    return G
 
 
 def forward_sample(
@@ -580,8 +339,17 @@ def forward_sample(
     multiplied on tensor cores with float32 accumulation).
     """
     x, y, a, b = _check_points(x, y, a, b, cost)
-    outs = cuda_forward_sample_op(x, y, a, b, cost, *config_args(cfg))
-    return _to_out(outs, cfg)
+    B, n, _ = x.shape
+    m = y.shape[1]
+    if B == 0 or n == 0 or m == 0:
+        return contract.empty_out(B, n, m, a.dtype, a.device, cfg)
+    out = _new_out(B, n, m, a.dtype, a.device, cfg)
+    p = _params(B, n, m, a.dtype, a, cfg)
+    _set_points(p, x, y, cost)
+    p.a, p.b = a.data_ptr(), b.data_ptr()
+    _set_forward_outputs(p, out)
+    _launch(p, False, a)
+    return out
 
 
 def backward_sample(
@@ -598,18 +366,25 @@ def backward_sample(
 ) -> tuple[Tensor, Tensor | None]:
     """``(∂L/∂x [B, n, d], ∂L/∂y [B, m, d] or None)`` in x's dtype: ``G = ∂L/∂C`` as in
     :func:`backward`, then the chain rule of :func:`optical_kernels.costs.cost_vjp`."""
-    _check_grad_mode(cfg)
+    contract.check_grad(cfg)
     x_dtype = x.dtype
     x, y, a, b = _check_points(x, y, a, b, cost)
-    B, n, _ = x.shape
+    B, n, d = x.shape
     m = y.shape[1]
-    gv, gl = _grads(B, grad_value, grad_value_linear, a)
-    hf, hg = _history(out, cfg, a, B, n, m)
-    f = out.f.detach().to(a.dtype).contiguous()
-    g = out.g.detach().to(a.dtype).contiguous()
-    n_iters = out.n_iters.detach().to(torch.int32).contiguous()
-    dx, dy = cuda_backward_sample_op(
-        x, y, a, b, f, g, n_iters, hf, hg, gv, gl, cost, bool(need_dy), *config_args(cfg),
-        cfg.cg_max_iter, cfg.cg_tol,
-    )  # fmt: skip
+    dx = torch.empty(B, n, d, dtype=a.dtype, device=a.device)
+    dy = torch.empty(B if need_dy else 0, m, d, dtype=a.dtype, device=a.device)
+    if B == 0 or n == 0 or m == 0:
+        dx.zero_(), dy.zero_()
+    else:
+        p = _params(B, n, m, a.dtype, a, cfg)
+        _set_points(p, x, y, cost)
+        p.a, p.b = a.data_ptr(), b.data_ptr()
+        keep = _backward_inputs(
+            p, out, grad_value, grad_value_linear, cfg, B, n, m, a.dtype, a.device
+        )
+        p.dx = dx.data_ptr()
+        if need_dy:
+            p.dy, p.need_dy = dy.data_ptr(), 1
+        _launch(p, True, a)
+        del keep
     return dx.to(x_dtype), (dy.to(x_dtype) if need_dy else None)

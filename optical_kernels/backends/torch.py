@@ -1,8 +1,8 @@
 """The ``torch`` backend: the reference solver and every gradient mode (the oracle).
 
 Readable batched PyTorch, float32 and float64, CPU or GPU. It implements the backend
-contract of :mod:`optical_kernels.config` exactly; every other backend is tested against it,
-and it is itself tested against POT in float64.
+contract of :mod:`optical_kernels.backends.contract` exactly; every other backend is tested
+against it, and it is itself tested against POT in float64.
 
 * :func:`forward`  — log-domain Sinkhorn (docs/design.md §2) with per-problem convergence.
 * :func:`backward` — ``∂L/∂C`` for ``envelope``, ``implicit`` (batched preconditioned CG on
@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..config import SolverConfig, SolverOut
+from . import contract
 
 NEG_INF = float("-inf")
 
@@ -202,8 +203,8 @@ def forward(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig
     g = torch.where(vb & nonempty[:, None], g, 0.0)
     err = marginal_error(C, a, b, f, g, cfg.eps, cfg.rho)
     value, value_linear = values(C, a, b, f, g, cfg.eps, cfg.rho)
-    history = (torch.stack(hist_f), torch.stack(hist_g)) if keep_history and hist_f else None
-    return SolverOut(f, g, value, value_linear, n_iters, err, history)
+    hf, hg = (torch.stack(hist_f), torch.stack(hist_g)) if hist_f else (None, None)
+    return contract.solver_out(f, g, value, value_linear, n_iters, err, hf, hg, cfg)
 
 
 # --------------------------------------------------------------------------- backward
@@ -217,13 +218,12 @@ def backward(
     cfg: SolverConfig,
 ) -> torch.Tensor:
     """``∂(Σ_k gv_k value_k + gvl_k value_linear_k)/∂C`` [B, n, m] for ``cfg.grad``."""
+    contract.check_grad(cfg)
     if cfg.grad == "unrolled":
         return _unrolled(C, a, b, out, grad_value, grad_value_linear, cfg)
     P = plan(C, a, b, out.f, out.g, cfg.eps)
     if cfg.grad == "envelope":
         return (grad_value + grad_value_linear)[:, None, None] * P
-    if cfg.grad != "implicit":
-        raise ValueError(f"grad must be one of envelope, implicit, unrolled; got {cfg.grad!r}")
     return grad_value[:, None, None] * P + grad_value_linear[:, None, None] * implicit_linear_grad(
         C, P, a, b, cfg
     )

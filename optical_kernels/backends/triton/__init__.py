@@ -1,8 +1,8 @@
 """The ``triton`` backend: GPU kernels, also runnable on CPU under ``TRITON_INTERPRET=1``.
 
-Implements the backend contract of :mod:`optical_kernels.config` (``forward``, ``backward``,
-``forward_sample``, ``backward_sample``, ``is_available``, ``supports``) and picks the kernel
-family by size (:mod:`optical_kernels.backends.triton.launch`):
+Implements the backend contract (:mod:`optical_kernels.backends.contract`: ``forward``,
+``backward``, ``forward_sample``, ``backward_sample``, ``is_available``, ``supports``) and picks
+the kernel family by size (:mod:`optical_kernels.backends.triton.launch`):
 
 * padded ``n, m ≤ 128``: the resident kernel (:mod:`.resident`, :mod:`.backward`), one
   program per problem, the whole batch in one launch;
@@ -15,9 +15,9 @@ read as such and accumulated in fp32); ``dx``/``dy`` have the points' dtype. All
 accumulate in fp32 (fp64 for fp64 inputs); fp32 dots are exact ``ieee`` by default (see
 ``OPTICAL_KERNELS_TRITON_DOT`` in :mod:`.launch`).
 
-The resident kernels run through the custom ops ``optical_kernels::triton_resident_forward``
-and ``optical_kernels::triton_resident_backward`` (with fake implementations), so
-``torch.compile`` traces the backend functions without graph breaks.
+The functions here are plain Python over the kernel launchers (:func:`.resident.launch_forward`,
+:func:`.backward.launch_backward`, :mod:`.streaming`); ``torch.compile`` traces them through the
+custom ops of :mod:`optical_kernels.ops` (the one custom-op layer).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from types import ModuleType
 import torch
 
 from ...config import SolverConfig, SolverOut
+from .. import contract
 
 # The kernel modules are imported here, before ``def backward`` below: importing the submodule
 # ``backward`` binds the package attribute ``backward`` to it, and the contract function must
@@ -42,9 +43,8 @@ except Exception as _exc:  # triton missing or broken: reported by is_available(
     _IMPORT_ERROR = _exc
     _bwd = _res = None  # type: ignore[assignment]
 
-_SAMPLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_SAMPLE_DTYPES = contract.POINT_DTYPES
 _COST_DTYPES = (torch.float32, torch.float64)
-_COSTS = ("cosine", "sqeuclidean", "dot")
 
 
 def _interpreting() -> bool:
@@ -130,57 +130,38 @@ def _form() -> bool:
 
 
 def _check_sample(x: torch.Tensor, y: torch.Tensor, cost: str) -> None:
-    if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
-        raise ValueError(
-            f"x, y must be [B, n, d], [B, m, d]; got {tuple(x.shape)}, {tuple(y.shape)}"
-        )
-    if x.dtype != y.dtype:
-        raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
+    contract.check_points(x, y)
     if x.dtype not in _SAMPLE_DTYPES:
         raise TypeError(f"x must be float16/bfloat16/float32/float64, got {x.dtype}")
-    if cost not in _COSTS:
-        raise ValueError(f"cost must be one of {_COSTS}, got {cost!r}")
+    contract.check_cost(cost)
 
 
-def _check_weights(a: torch.Tensor, b: torch.Tensor, B: int, n: int, m: int) -> None:
-    if tuple(a.shape) != (B, n):
-        raise ValueError(f"a must have shape {(B, n)}, got {tuple(a.shape)}")
-    if tuple(b.shape) != (B, m):
-        raise ValueError(f"b must have shape {(B, m)}, got {tuple(b.shape)}")
-
-
-def _out(outs: tuple, cfg: SolverConfig) -> SolverOut:
-    f, g, value, vlin, n_iters, err, hf, hg = outs
-    history = (hf, hg) if cfg.grad == "unrolled" else None
-    return SolverOut(f, g, value, vlin, n_iters, err, history)
-
-
-def _history(out: SolverOut, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if out.history is None:
-        z = like.new_zeros(0, *like.shape)
-        return z, z
-    hf, hg = out.history
-    return hf, hg
+def _history(out: SolverOut, cfg: SolverConfig, B: int, n: int, m: int,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored potentials for the launcher ([0, B, ·] when there are none)."""
+    hist = contract.history(out, cfg, B, n, m, dtype)
+    if hist is None:
+        return out.f.new_zeros(0, B, n), out.g.new_zeros(0, B, m)
+    return hist
 
 
 # ----------------------------------------------------------------------------- contract
 def forward(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig) -> SolverOut:
     """Solve on a given cost C [B, n, m] (float32/float64) -> :class:`SolverOut`."""
-    if C.dim() != 3:
-        raise ValueError(f"C must be [B, n, m], got {tuple(C.shape)}")
+    contract.check_cost_matrix(C)
     if C.dtype not in _COST_DTYPES:
         raise TypeError(f"C must be float32 or float64, got {C.dtype}")
     _check_device(C, a, b)
     B, n, m = C.shape
-    _check_weights(a, b, B, n, m)
+    contract.check_weights(a, b, B, n, m)
     if _kernels(n, m) == "streaming":
         return _streaming("forward", n, m)(C, a, b, cfg)  # type: ignore[operator]
     s0, s1 = _sched(cfg)
-    outs = _res.resident_forward_op(
+    outs = _res.launch_forward(
         C, None, None, a, b, "given", cfg.eps, cfg.rho, cfg.max_iter, cfg.tol, cfg.check_every,
         s0, s1, cfg.grad == "unrolled", _form(),
     )
-    return _out(outs, cfg)
+    return contract.solver_out(*outs, cfg)
 
 
 def backward(
@@ -198,10 +179,11 @@ def backward(
         return _streaming("backward", n, m)(  # type: ignore[operator]
             C, a, b, out, grad_value, grad_value_linear, cfg
         )
-    gv, gl = _grad_args(grad_value, grad_value_linear, B, C)
-    hf, hg = _history(out, out.f)
+    acc = contract.compute_dtype(C.dtype)
+    gv, gl = contract.grad_weights(grad_value, grad_value_linear, B, acc, C.device)
+    hf, hg = _history(out, cfg, B, n, m, acc)
     s0, s1 = _sched(cfg)
-    G, _, _ = _bwd.resident_backward_op(
+    G, _, _ = _bwd.launch_backward(
         C, None, None, a, b, out.f, out.g, out.n_iters, hf, hg, gv, gl, "given", False,
         cfg.grad, cfg.eps, cfg.rho, cfg.max_iter, s0, s1, cfg.cg_max_iter, cfg.cg_tol,
     )
@@ -217,15 +199,15 @@ def forward_sample(
     _check_device(x, y, a, b)
     B, n, _ = x.shape
     m = y.shape[1]
-    _check_weights(a, b, B, n, m)
+    contract.check_weights(a, b, B, n, m)
     if _kernels(n, m) == "streaming":
         return _streaming("forward_sample", n, m)(x, y, a, b, cost, cfg)  # type: ignore[operator]
     s0, s1 = _sched(cfg)
-    outs = _res.resident_forward_op(
+    outs = _res.launch_forward(
         None, x, y, a, b, cost, cfg.eps, cfg.rho, cfg.max_iter, cfg.tol, cfg.check_every,
         s0, s1, cfg.grad == "unrolled", _form(),
     )
-    return _out(outs, cfg)
+    return contract.solver_out(*outs, cfg)
 
 
 def backward_sample(
@@ -248,19 +230,13 @@ def backward_sample(
         return _streaming("backward_sample", n, m)(  # type: ignore[operator]
             x, y, a, b, cost, out, grad_value, grad_value_linear, cfg, need_dy
         )
-    gv, gl = _grad_args(grad_value, grad_value_linear, B, a)
-    hf, hg = _history(out, out.f)
+    acc = contract.compute_dtype(x.dtype)
+    gv, gl = contract.grad_weights(grad_value, grad_value_linear, B, acc, a.device)
+    hf, hg = _history(out, cfg, B, n, m, acc)
     s0, s1 = _sched(cfg)
-    _, dx, dy = _bwd.resident_backward_op(
+    _, dx, dy = _bwd.launch_backward(
         None, x, y, a, b, out.f, out.g, out.n_iters, hf, hg, gv, gl, cost, bool(need_dy),
         cfg.grad, cfg.eps, cfg.rho, cfg.max_iter, s0, s1, cfg.cg_max_iter, cfg.cg_tol,
     )
     return dx, (dy if need_dy else None)
 
-
-def _grad_args(
-    gv: torch.Tensor | None, gl: torch.Tensor | None, B: int, like: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    gv = like.new_zeros(B) if gv is None else gv
-    gl = like.new_zeros(B) if gl is None else gl
-    return gv, gl

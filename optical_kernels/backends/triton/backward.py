@@ -261,18 +261,23 @@ def cg_defaults(
     return int(max_iter), float(tol)
 
 
-def _launch_backward(
+def launch_backward(
     C: Tensor | None, x: Tensor | None, y: Tensor | None, a: Tensor, b: Tensor,
     f: Tensor, g: Tensor, n_iters: Tensor, hist_f: Tensor, hist_g: Tensor,
     grad_value: Tensor, grad_value_linear: Tensor, cost: str, need_dy: bool, mode: str,
     eps: float, rho: float | None, max_iter: int, sched_start: float | None,
     sched_factor: float | None, cg_max_iter: int, cg_tol: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Resident gradient: ``(G [B,n,m] or empty, dx [B,n,d] or empty, dy [B,m,d] or empty)``.
+
+    ``G = ∂L/∂C`` when C is given (cost="given"), else ``(∂L/∂x, ∂L/∂y if need_dy)``; one
+    launch. ``hist_f`` [T, B, n], ``hist_g`` [T, B, m] (T = 0: no history).
+    """
     B, n, m, d, ref = problem_dims(C, x, y)
     in_dtype = ref.dtype
     acc = acc_dtype(in_dtype)
     dev = ref.device
-    if C is not None:  # distinct empty outputs: custom-op outputs must not alias each other
+    if C is not None:  # distinct empty outputs (no aliasing between the three)
         G = torch.empty(B, n, m, dtype=C.dtype, device=dev)
         dx, dy = ref.new_zeros(0), ref.new_zeros(0)
     else:
@@ -315,45 +320,3 @@ def _launch_backward(
         num_warps=ls.num_warps, num_stages=ls.num_stages,
     )
     return G, dx, dy
-
-
-@torch.library.custom_op("optical_kernels::triton_resident_backward", mutates_args=())
-def resident_backward_op(
-    C: Tensor | None,
-    x: Tensor | None,
-    y: Tensor | None,
-    a: Tensor,
-    b: Tensor,
-    f: Tensor,
-    g: Tensor,
-    n_iters: Tensor,
-    hist_f: Tensor,
-    hist_g: Tensor,
-    grad_value: Tensor,
-    grad_value_linear: Tensor,
-    cost: str,
-    need_dy: bool,
-    mode: str,
-    eps: float,
-    rho: float | None,
-    max_iter: int,
-    sched_start: float | None,
-    sched_factor: float | None,
-    cg_max_iter: int,
-    cg_tol: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Resident gradient: ``(G [B,n,m] or empty, dx [B,n,d] or empty, dy [B,m,d] or empty)``.
-
-    ``G = ∂L/∂C`` when C is given (cost="given"), else ``(∂L/∂x, ∂L/∂y if need_dy)``.
-    """
-    return _launch_backward(C, x, y, a, b, f, g, n_iters, hist_f, hist_g, grad_value,
-                            grad_value_linear, cost, need_dy, mode, eps, rho, max_iter,
-                            sched_start, sched_factor, cg_max_iter, cg_tol)
-
-
-@resident_backward_op.register_fake
-def _(C, x, y, a, b, f, g, n_iters, hist_f, hist_g, grad_value, grad_value_linear, cost,  # noqa: ANN001, ANN202
-      need_dy, *args):
-    if C is not None:
-        return torch.empty_like(C), C.new_empty(0), C.new_empty(0)
-    return x.new_empty(0), torch.empty_like(x), (torch.empty_like(y) if need_dy else x.new_empty(0))

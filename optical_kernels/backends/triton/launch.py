@@ -1,9 +1,12 @@
 """Launch settings of the Triton kernels, chosen in one place.
 
-The tuning decisions of the kernel choice (which kernel family, which iteration form, dot
-precision, warps and stages of the resident kernels) live here, so that a GPU measurement
-changes one line and not a kernel; the streaming kernels' tile sizes are still chosen by
-``Tiles`` in ``streaming.py`` (to move here with the split of that file, issue 8).
+Every tuning decision of the Triton backend lives here — which kernel family, which iteration
+form, dot precision, the tile shape, warps and stages of the resident kernels
+(:func:`resident`) and the block sizes of the streaming kernels (:class:`Tiles`) — so that a
+GPU measurement changes one line and not a kernel. Not here: the solver constants the kernels
+compute with (CG caps and tolerances, cost and gradient-mode codes), and the host-sync period
+of the streaming CG loop (``CG_SYNC_EVERY``, :mod:`.streaming_backward`).
+
 Environment variables override the defaults without code changes (the GPU bench uses them to
 compare variants in one run):
 
@@ -98,6 +101,66 @@ def override(**knobs: str) -> Iterator[None]:
 def next_pow2(v: int) -> int:
     """Smallest power of two ≥ v (1 for v ≤ 1)."""
     return 1 if v <= 1 else 1 << (int(v) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Launch parameters of the streaming kernels (0 = automatic).
+
+    Attributes:
+        block_r: rows per program (power of two ≥ 16).
+        block_c: columns per inner-loop tile; 0: 64 for FMA dots (fp32 ``ieee``, fp64, a given
+            C), 32 for tensor-core dots (``tf32x3``/``tf32``, bf16/fp16).
+        block_d: feature chunk of ``tl.dot``; 0: 16 for FMA dots (several chunks per tile),
+            ``next_pow2(d)`` up to 64 (tf32) / 128 (16-bit) for tensor-core dots, else 32 / 64.
+            When d fits one chunk the x tile is loaded once per program.
+        num_warps, num_stages: Triton launch options (ignored by the interpreter).
+        dot_precision: ``tl.dot`` input precision for fp32 points: ``"ieee"`` (exact fp32 FMA,
+            default: matches the reference to 1e-5), ``"tf32x3"`` (3×TF32 on tensor cores,
+            ~fp32 accuracy, expected much faster for d ≥ 32) or ``"tf32"`` (~1e-3 relative
+            cost error). 16-bit points always use their native tensor-core dot.
+
+    The automatic choices are spill-free for sm_90 with Triton 3.6 (ptxas, d = 64 and 128);
+    they are not yet timed on a GPU.
+    """
+
+    block_r: int = 64
+    block_c: int = 0
+    block_d: int = 0
+    num_warps: int = 4
+    num_stages: int = 2
+    dot_precision: str = "ieee"
+
+    def __post_init__(self) -> None:
+        for name in ("block_r", "block_c", "block_d"):
+            v = getattr(self, name)
+            if (v or name == "block_r") and (v < 16 or v & (v - 1)):
+                raise ValueError(f"Tiles.{name} must be a power of two >= 16, got {v}")
+        if self.dot_precision not in ("ieee", "tf32x3", "tf32"):
+            raise ValueError(
+                f"Tiles.dot_precision must be ieee, tf32x3 or tf32, got {self.dot_precision!r}")
+
+    def resolve(self, d: int, pts_dtype: torch.dtype | None) -> tuple[int, int, int, str]:
+        """(block_r, block_c, block_d, precision) for feature size d and point dtype
+        (``None``: a given cost matrix)."""
+        if pts_dtype is None:
+            return self.block_r, self.block_c or 64, 16, "ieee"
+        half = pts_dtype in (torch.float16, torch.bfloat16)
+        prec = self.dot_precision if pts_dtype == torch.float32 else "ieee"
+        tensor_core = half or prec != "ieee"
+        bc = self.block_c or (32 if tensor_core else 64)
+        if self.block_d:
+            bd = self.block_d
+        elif not tensor_core:
+            bd = 16
+        else:
+            cap = 128 if half else 64
+            p2 = max(16, next_pow2(d))
+            bd = p2 if p2 <= cap else cap // 2
+        return self.block_r, bc, bd, prec
+
+
+DEFAULT_TILES = Tiles()
 
 
 def fits_resident(n: int, m: int) -> bool:

@@ -365,12 +365,18 @@ def problem_dims(
     return B, n, y.shape[1], d, x
 
 
-def _launch_forward(
+def launch_forward(
     C: Tensor | None, x: Tensor | None, y: Tensor | None, a: Tensor, b: Tensor,
     cost: str, eps: float, rho: float | None, max_iter: int, tol: float, check_every: int,
     sched_start: float | None, sched_factor: float | None, store_history: bool,
     scaling: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Resident solve: given C [B, n, m] (cost="given") or points x [B, n, d], y [B, m, d].
+
+    Returns ``(f [B,n], g [B,m], value [B], value_linear [B], n_iters [B] int32, err [B],
+    hist_f [T,B,n], hist_g [T,B,m])`` in the accumulation dtype, ``T = max_iter`` if
+    ``store_history`` else 0. One launch, no host synchronisation.
+    """
     B, n, m, d, ref = problem_dims(C, x, y)
     in_dtype = ref.dtype
     acc = acc_dtype(in_dtype)
@@ -409,47 +415,3 @@ def _launch_forward(
         num_warps=ls.num_warps, num_stages=ls.num_stages,
     )
     return f, g, value, vlin, n_iters, err, hf, hg
-
-
-_Outs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
-
-
-@torch.library.custom_op("optical_kernels::triton_resident_forward", mutates_args=())
-def resident_forward_op(
-    C: Tensor | None,
-    x: Tensor | None,
-    y: Tensor | None,
-    a: Tensor,
-    b: Tensor,
-    cost: str,
-    eps: float,
-    rho: float | None,
-    max_iter: int,
-    tol: float,
-    check_every: int,
-    sched_start: float | None,
-    sched_factor: float | None,
-    store_history: bool,
-    scaling: bool,
-) -> _Outs:
-    """Resident solve: given C [B, n, m] (cost="given") or points x [B, n, d], y [B, m, d].
-
-    Returns ``(f [B,n], g [B,m], value [B], value_linear [B], n_iters [B] int32, err [B],
-    hist_f [T,B,n], hist_g [T,B,m])`` with ``T = max_iter`` if ``store_history`` else 0.
-    """
-    return _launch_forward(C, x, y, a, b, cost, eps, rho, max_iter, tol, check_every,
-                           sched_start, sched_factor, store_history, scaling)
-
-
-@resident_forward_op.register_fake
-def _(C, x, y, a, b, cost, eps, rho, max_iter, tol, check_every, sched_start, sched_factor,  # noqa: ANN001, ANN202
-      store_history, scaling):
-    ref = C if C is not None else x
-    B, n = ref.shape[0], ref.shape[1]
-    m = C.shape[2] if C is not None else y.shape[1]
-    acc = acc_dtype(ref.dtype)
-    T = max_iter if store_history else 0
-    e = ref.new_empty
-    return (e(B, n, dtype=acc), e(B, m, dtype=acc), e(B, dtype=acc), e(B, dtype=acc),
-            e(B, dtype=torch.int32), e(B, dtype=acc), e(T, B, n, dtype=acc),
-            e(T, B, m, dtype=acc))
