@@ -71,12 +71,7 @@ def test_ops_is_the_only_custom_op_layer() -> None:
     assert offenders == [], f"custom ops registered outside optical_kernels/ops.py: {offenders}"
 
 
-_BACKEND_PACKAGES = {
-    "torch": "optical_kernels.backends.torch",
-    "cpu": "optical_kernels.backends.cpu",
-    "cuda": "optical_kernels.backends.cuda",
-    "triton": "optical_kernels.backends.triton",
-}
+_BACKEND_PACKAGES = dict(importlib.import_module("optical_kernels.backends")._MODULES)
 
 
 @pytest.mark.parametrize(
