@@ -46,6 +46,7 @@ import os
 import torch
 
 from ..config import SolverConfig, SolverOut
+from ..constants import DType, GradMode, grad_code
 
 #: ISA variants of the compiled module, best first (setup.py builds ``_cpu_<isa>`` for each).
 ISA_VARIANTS = ("native", "avx512", "avx2", "base")
@@ -160,7 +161,6 @@ DIRECT_MAX = 384
 #: ``True``: plain log-domain iterations and reverse pass (2·n·m exponentials per iteration)
 #: instead of the stabilised scaling form; same results to rounding. For measurement/testing.
 LOG_DOMAIN = False
-_MODES = {"envelope": 0, "implicit": 1, "unrolled": 2}
 
 
 def is_available() -> tuple[bool, str]:
@@ -215,27 +215,26 @@ def _check(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Ten
 
 
 @functools.lru_cache(maxsize=64)
-def _eps_cached(eps: float, schedule: tuple[float, float] | None, T: int) -> torch.Tensor:
-    cfg = SolverConfig(eps=eps, eps_schedule=schedule)
-    table: list[float] = []
-    if schedule is not None:
-        for t in range(1, T + 1):
-            table.append(cfg.eps_at(t))
-            if table[-1] == eps:  # ε_t is non-increasing: eps from here on
-                break
+def _eps_cached(table: tuple[float, ...]) -> torch.Tensor:
     return torch.tensor(table, dtype=torch.float64)
 
 
-def _eps_schedule(cfg: SolverConfig, T: int) -> torch.Tensor:
-    """ε_t for t = 1..L, float64 (exactly ``cfg.eps_at``; cached, read-only), where L ≤ T is
-    the first iteration at which ε_t reaches ``eps``; the C++ side uses ``eps`` for t > L.
-    Constant ε gives an empty table (issue 9: a ``max_iter`` table took seconds and memory
-    for ``max_iter=10**7``)."""
-    return _eps_cached(float(cfg.eps), cfg.eps_schedule, max(T, 1))
-
-
-def _rho(cfg: SolverConfig) -> float:
-    return -1.0 if cfg.rho is None else float(cfg.rho)
+def _params(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig) -> object:
+    """The :class:`_cpu.Params` of one call: sizes, input pointers and the resolved
+    configuration (``eps_t`` = ``cfg.schedule.table``, ε_t for t < t_eps; the C++ side uses
+    ``eps`` from there on; constant ε: an empty table). Returns ``(params, keep-alive)``."""
+    p = _cpu.Params()  # type: ignore[union-attr]
+    p.B, p.n, p.m = C.shape
+    p.dtype = int(DType.F32 if C.dtype == torch.float32 else DType.F64)
+    p.C, p.sC = C.data_ptr(), tuple(C.stride())
+    p.a, p.sa = a.data_ptr(), tuple(a.stride())
+    p.b, p.sb = b.data_ptr(), tuple(b.stride())
+    p.eps, p.rho = float(cfg.eps), -1.0 if cfg.rho is None else float(cfg.rho)
+    p.max_iter, p.tol, p.check_every = int(cfg.max_iter), float(cfg.tol), int(cfg.check_every)
+    eps_t = _eps_cached(cfg.schedule.table)
+    p.eps_t, p.eps_len = eps_t.data_ptr(), eps_t.numel()
+    p.num_threads, p.log_only, p.par_min = torch.get_num_threads(), int(LOG_DOMAIN), PAR_MIN
+    return p, eps_t
 
 
 def forward(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig) -> SolverOut:
@@ -261,22 +260,14 @@ def forward(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig
     T = cfg.max_iter
     hist_f = torch.zeros(T if unrolled else 0, B, n, dtype=dt)
     hist_g = torch.zeros(T if unrolled else 0, B, m, dtype=dt)
-    eps_t = _eps_schedule(cfg, T)
     if B > 0 and n > 0 and m > 0:
-        _cpu.forward(
-            "float32" if dt == torch.float32 else "float64",
-            B, n, m,
-            C.data_ptr(), *C.stride(),
-            a.data_ptr(), *a.stride(),
-            b.data_ptr(), *b.stride(),
-            float(cfg.eps), _rho(cfg), eps_t.data_ptr(), eps_t.numel(), int(cfg.max_iter),
-            float(cfg.tol),
-            int(cfg.check_every),
-            f.data_ptr(), g.data_ptr(), value.data_ptr(), value_linear.data_ptr(),
-            n_iters.data_ptr(), err.data_ptr(),
-            hist_f.data_ptr() if unrolled else 0, hist_g.data_ptr() if unrolled else 0,
-            torch.get_num_threads(), 0.0, int(LOG_DOMAIN), PAR_MIN,
-        )  # fmt: skip
+        p, keep = _params(C, a, b, cfg)
+        p.f, p.g, p.value, p.value_linear = (t.data_ptr() for t in (f, g, value, value_linear))
+        p.n_iters, p.err = n_iters.data_ptr(), err.data_ptr()
+        if unrolled:
+            p.hist_f, p.hist_g, p.hist_T = hist_f.data_ptr(), hist_g.data_ptr(), T
+        _cpu.forward(p)
+        del keep
     history = (hist_f, hist_g) if unrolled else None
     return SolverOut(f, g, value, value_linear, n_iters, err, history)
 
@@ -297,10 +288,11 @@ def backward(
     with the same right-hand side and ``∂L/∂C_ij = P_ij (1 + (u_i + v_j − C_ij)/ε)``.
     ``unrolled`` needs ``out.history`` from :func:`forward` with ``grad="unrolled"``; without
     it only the direct partials at the final potentials are returned (as the reference).
+    The CG cap and tolerance (used when ``min(n, m) > DIRECT_MAX``) are
+    ``cfg.cg_limits(n, m, dtype)``.
     """
     _require()
-    if cfg.grad not in _MODES:
-        raise ValueError(f"grad must be one of {tuple(_MODES)}, got {cfg.grad!r}")
+    mode = grad_code(cfg.grad)
     C, a, b = _check(C, a, b)
     B, n, m = C.shape
     dt = C.dtype
@@ -314,8 +306,7 @@ def backward(
     gv, gl = gv.reshape(B).contiguous(), gl.reshape(B).contiguous()
     dC = torch.zeros(B, n, m, dtype=dt)
     hist_f = hist_g = None
-    T = 0
-    if cfg.grad == "unrolled" and out.history is not None:
+    if mode == GradMode.UNROLLED and out.history is not None:
         hist_f, hist_g = out.history
         hist_f = hist_f.detach().to(dt).contiguous()
         hist_g = hist_g.detach().to(dt).contiguous()
@@ -325,19 +316,15 @@ def backward(
                 f"out.history must be (hist_f [T, {B}, {n}], hist_g [T, {B}, {m}]), got "
                 f"{tuple(hist_f.shape)}, {tuple(hist_g.shape)}"
             )
-    eps_t = _eps_schedule(cfg, T)
     if B > 0 and n > 0 and m > 0:
-        _cpu.backward(
-            "float32" if dt == torch.float32 else "float64",
-            _MODES[cfg.grad], B, n, m,
-            C.data_ptr(), *C.stride(),
-            a.data_ptr(), *a.stride(),
-            b.data_ptr(), *b.stride(),
-            f.data_ptr(), g.data_ptr(), n_iters.data_ptr(),
-            hist_f.data_ptr() if T else 0, hist_g.data_ptr() if T else 0, T,
-            float(cfg.eps), _rho(cfg), eps_t.data_ptr(), eps_t.numel(),
-            gv.data_ptr(), gl.data_ptr(), dC.data_ptr(),
-            int(cfg.cg_max_iter), float(cfg.cg_tol), DIRECT_MAX, torch.get_num_threads(),
-            PAR_MIN, int(LOG_DOMAIN),
-        )  # fmt: skip
+        p, keep = _params(C, a, b, cfg)
+        p.mode = mode
+        p.f, p.g, p.n_iters = f.data_ptr(), g.data_ptr(), n_iters.data_ptr()
+        if hist_f is not None and hist_f.shape[0] > 0:
+            p.hist_f, p.hist_g, p.hist_T = hist_f.data_ptr(), hist_g.data_ptr(), hist_f.shape[0]
+        p.grad_value, p.grad_value_linear, p.dC = gv.data_ptr(), gl.data_ptr(), dC.data_ptr()
+        p.cg_max_iter, p.cg_tol = cfg.cg_limits(n, m, dt)
+        p.direct_max = DIRECT_MAX
+        _cpu.backward(p)
+        del keep
     return dC

@@ -40,7 +40,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from ..config import SolverConfig, SolverOut
+from ..config import SolverConfig, SolverOut, resolve_cg
+from ..constants import POINT_COSTS, TORCH_DTYPES, Cost, cost_code, grad_code
 from ..ops import config_args, config_from_args, fake_outputs
 
 try:  # the compiled extension is optional (built by setup.py only where nvcc exists)
@@ -53,9 +54,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 
 #: Largest n and m the resident kernels accept.
 MAX_SIZE = 256
-_MODES = {"envelope": 0, "implicit": 1, "unrolled": 2}
-_COSTS = {"cosine": 1, "sqeuclidean": 2, "dot": 3}
-_DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_DTYPES = {dt: int(code) for dt, code in TORCH_DTYPES.items()}
 
 # Module that launches the kernels: optical_kernels._cuda, or (tests only) the CPU emulator
 # build optical_kernels._cuda_emu installed by _use_module(), which takes host pointers.
@@ -152,6 +151,7 @@ def _params(B: int, n: int, m: int, dt: torch.dtype, like: Tensor, cfg: SolverCo
     if cfg.eps_schedule is not None:
         p.has_sched = 1
         p.sched_start, p.sched_factor = (float(v) for v in cfg.eps_schedule)
+        p.sched_t_eps = cfg.schedule.t_eps
     p.use_mma = 1 if _use_mma() else 0
     p.stream = _stream(like)
     if like.device.type == "cuda":
@@ -243,7 +243,7 @@ def cuda_forward_op(
     a, b = a.contiguous(), b.contiguous()
     p = _params(B, n, m, C.dtype, C, cfg)
     p.in_dtype = p.dtype
-    p.cost = 0
+    p.cost = int(Cost.GIVEN)
     p.C = C.data_ptr()
     p.sC = tuple(C.stride())
     p.a, p.b = a.data_ptr(), b.data_ptr()
@@ -298,7 +298,7 @@ def _(x, y, a, b, cost, eps, rho, max_iter, tol, check_every, sched_start, sched
 
 
 def _set_points(p: object, x: Tensor, y: Tensor, cost: str) -> None:
-    p.cost = _COSTS[cost]  # type: ignore[attr-defined]
+    p.cost = cost_code(cost)  # type: ignore[attr-defined]
     p.in_dtype = _DTYPES[x.dtype]  # type: ignore[attr-defined]
     p.d = x.shape[2]  # type: ignore[attr-defined]
     p.x, p.sx = x.data_ptr(), tuple(x.stride())  # type: ignore[attr-defined]
@@ -322,13 +322,15 @@ def _set_backward_inputs(
     f, g, n_iters = f.contiguous(), g.contiguous(), n_iters.contiguous()
     hist_f, hist_g = hist_f.contiguous(), hist_g.contiguous()
     grad_value, grad_value_linear = grad_value.contiguous(), grad_value_linear.contiguous()
-    p.mode = _MODES[mode]  # type: ignore[attr-defined]
+    p.mode = grad_code(mode)  # type: ignore[attr-defined]
     p.f, p.g, p.n_iters = f.data_ptr(), g.data_ptr(), n_iters.data_ptr()  # type: ignore[attr-defined]
     if mode == "unrolled" and hist_f.numel() > 0 and hist_g.numel() > 0:
         p.hist_f, p.hist_g, p.hist_T = hist_f.data_ptr(), hist_g.data_ptr(), hist_f.shape[0]  # type: ignore[attr-defined]
     p.grad_value = grad_value.data_ptr()  # type: ignore[attr-defined]
     p.grad_value_linear = grad_value_linear.data_ptr()  # type: ignore[attr-defined]
-    p.cg_max_iter, p.cg_tol = int(cg_max_iter), float(cg_tol)  # type: ignore[attr-defined]
+    # 0 / 0.0 (the ops' "not given"): the defaults, from the one resolver
+    cap, tol = resolve_cg(cg_max_iter or None, cg_tol or None, p.n, p.m, f.dtype)  # type: ignore[attr-defined]
+    p.cg_max_iter, p.cg_tol = cap, tol  # type: ignore[attr-defined]
     return f, g, n_iters, hist_f, hist_g, grad_value, grad_value_linear
 
 
@@ -364,7 +366,7 @@ def cuda_backward_op(
     a, b = a.contiguous(), b.contiguous()
     p = _params(B, n, m, C.dtype, C, cfg)
     p.in_dtype = p.dtype
-    p.cost = 0
+    p.cost = int(Cost.GIVEN)
     p.C, p.sC = C.data_ptr(), tuple(C.stride())
     p.a, p.b = a.data_ptr(), b.data_ptr()
     keep = _set_backward_inputs(
@@ -468,8 +470,8 @@ def _check_matrix(C: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tens
 
 def _check_points(x: Tensor, y: Tensor, a: Tensor, b: Tensor, cost: str) -> tuple[Tensor, ...]:
     _check_types(("x", x), ("y", y), ("a", a), ("b", b))
-    if cost not in _COSTS:
-        raise ValueError(f"cost must be one of {tuple(_COSTS)}, got {cost!r}")
+    if cost not in POINT_COSTS:
+        raise ValueError(f"cost must be one of {POINT_COSTS}, got {cost!r}")
     if x.dim() != 3 or y.dim() != 3:
         raise ValueError(
             f"x, y must be [B, n, d], [B, m, d]; got {tuple(x.shape)}, {tuple(y.shape)}"
@@ -517,8 +519,7 @@ def _history(
 
 
 def _check_grad_mode(cfg: SolverConfig) -> None:
-    if cfg.grad not in _MODES:
-        raise ValueError(f"grad must be one of {tuple(_MODES)}, got {cfg.grad!r}")
+    grad_code(cfg.grad)  # ValueError naming grad
 
 
 def forward(C: Tensor, a: Tensor, b: Tensor, cfg: SolverConfig) -> SolverOut:
@@ -566,7 +567,7 @@ def backward(
     g = out.g.detach().to(C.dtype).contiguous()
     n_iters = out.n_iters.detach().to(torch.int32).contiguous()
     return cuda_backward_op(
-        C, a, b, f, g, n_iters, hf, hg, gv, gl, *config_args(cfg), cfg.cg_max_iter, cfg.cg_tol
+        C, a, b, f, g, n_iters, hf, hg, gv, gl, *config_args(cfg), *cfg.cg_limits(n, m, C.dtype)
     )
 
 
@@ -610,6 +611,6 @@ def backward_sample(
     n_iters = out.n_iters.detach().to(torch.int32).contiguous()
     dx, dy = cuda_backward_sample_op(
         x, y, a, b, f, g, n_iters, hf, hg, gv, gl, cost, bool(need_dy), *config_args(cfg),
-        cfg.cg_max_iter, cfg.cg_tol,
+        *cfg.cg_limits(n, m, a.dtype),
     )  # fmt: skip
     return dx.to(x_dtype), (dy.to(x_dtype) if need_dy else None)

@@ -30,6 +30,7 @@ from types import ModuleType
 import torch
 
 from ...config import SolverConfig, SolverOut
+from ...constants import POINT_COSTS
 
 # The kernel modules are imported here, before ``def backward`` below: importing the submodule
 # ``backward`` binds the package attribute ``backward`` to it, and the contract function must
@@ -44,7 +45,7 @@ except Exception as _exc:  # triton missing or broken: reported by is_available(
 
 _SAMPLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _COST_DTYPES = (torch.float32, torch.float64)
-_COSTS = ("cosine", "sqeuclidean", "dot")
+_COSTS = POINT_COSTS
 
 
 def _interpreting() -> bool:
@@ -203,7 +204,7 @@ def backward(
     s0, s1 = _sched(cfg)
     G, _, _ = _bwd.resident_backward_op(
         C, None, None, a, b, out.f, out.g, out.n_iters, hf, hg, gv, gl, "given", False,
-        cfg.grad, cfg.eps, cfg.rho, cfg.max_iter, s0, s1, cfg.cg_max_iter, cfg.cg_tol,
+        cfg.grad, cfg.eps, cfg.rho, cfg.max_iter, s0, s1, *cfg.cg_limits(n, m, C.dtype),
     )
     return G
 
@@ -253,7 +254,7 @@ def backward_sample(
     s0, s1 = _sched(cfg)
     _, dx, dy = _bwd.resident_backward_op(
         None, x, y, a, b, out.f, out.g, out.n_iters, hf, hg, gv, gl, cost, bool(need_dy),
-        cfg.grad, cfg.eps, cfg.rho, cfg.max_iter, s0, s1, cfg.cg_max_iter, cfg.cg_tol,
+        cfg.grad, cfg.eps, cfg.rho, cfg.max_iter, s0, s1, *cfg.cg_limits(n, m, x.dtype),
     )
     return dx, (dy if need_dy else None)
 

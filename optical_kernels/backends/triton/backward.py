@@ -2,7 +2,8 @@
 
 One program per problem. It rebuilds the cost tile (given, or fused from x, y exactly as the
 forward did), the plan ``P = a⊗b·exp((f⊕g − C)/ε)`` from the returned potentials, and forms
-``G = gv·∂value/∂C + gl·∂value_linear/∂C`` by the mode of docs/design.md §3 (constexpr ``MODE``):
+``G = gv·∂value/∂C + gl·∂value_linear/∂C`` by the mode of docs/design.md §3 (constexpr ``MODE``,
+the codes of :class:`optical_kernels.constants.GradMode`):
 
 * 0 ``envelope``: ``G = (gv + gl)·P``.
 * 1 ``implicit``: ``G = gv·P + gl·P∘(1 + (u_i + v_j − C_ij)/ε)`` with ``[u; v]`` solving
@@ -10,7 +11,7 @@ forward did), the plan ``P = a⊗b·exp((f⊕g − C)/ε)`` from the returned po
   CG on chip (``r = P1``, ``c = Pᵀ1``, ``κ = 1`` balanced; ``κ = 1 + ε/ρ`` unbalanced, the
   Jacobian of the unbalanced fixed point, where the torch reference raises instead).
   Invalid coordinates are decoupled (identity rows, zero right-hand side), as in the
-  reference; defaults ``cg_max_iter = 4(n+m)+50``, ``cg_tol = 1e-6`` (fp32) / ``1e-13`` (fp64).
+  reference; the CG cap and tolerance arrive resolved (:meth:`SolverConfig.cg_limits`).
 * 2 ``unrolled``: seeds ``∂/∂(C, f_T, g_T)`` of the value formulas, then the reverse pass
   over the stored potentials ``hist_f[t-1], hist_g[t-1]`` (t = n_iters..1), recomputing the
   softmax weights of each half-step (``Q^g`` over i with f_t, ``Q^f`` over j with g_{t-1})::
@@ -32,10 +33,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...config import resolve_cg
+from ...constants import cost_code, grad_code
 from . import launch
 from .resident import (
     _TL,
-    COST_IDS,
     _cost_tile,
     _eps_at,
     _pair,
@@ -45,8 +47,6 @@ from .resident import (
     schedule_args,
     split_f64,
 )
-
-MODES = {"envelope": 0, "implicit": 1, "unrolled": 2}
 
 
 @triton.jit
@@ -252,15 +252,6 @@ def resident_backward_kernel(
                          + offs_d[None, :] * s_dyd, dy.to(dy_ptr.dtype.element_ty), mask=dmy)
 
 
-def cg_defaults(
-    cg_max_iter: int, cg_tol: float, n: int, m: int, acc: torch.dtype
-) -> tuple[int, float]:
-    """Resolve the CG cap and tolerance exactly as the torch reference does (0 = default)."""
-    max_iter = cg_max_iter or 4 * (n + m) + 50
-    tol = cg_tol or (1e-13 if acc == torch.float64 else 1e-6)
-    return int(max_iter), float(tol)
-
-
 def _launch_backward(
     C: Tensor | None, x: Tensor | None, y: Tensor | None, a: Tensor, b: Tensor,
     f: Tensor, g: Tensor, n_iters: Tensor, hist_f: Tensor, hist_g: Tensor,
@@ -292,7 +283,7 @@ def _launch_backward(
     hg = hist_g.to(acc).contiguous() if unrolled else g
     ls = launch.resident(n, m, d, in_dtype, kernel="backward")
     t_eps, start, lf = schedule_args(eps, max_iter, sched_start, sched_factor)
-    cgi, cgt = cg_defaults(cg_max_iter, cg_tol, n, m, acc)
+    cgi, cgt = resolve_cg(cg_max_iter or None, cg_tol or None, n, m, acc)  # 0: the defaults
     z3 = (0, 0, 0)
     resident_backward_kernel[(B,)](
         C if C is not None else ref, x if x is not None else ref, y if y is not None else ref,
@@ -308,7 +299,7 @@ def _launch_backward(
         *split_f64(eps), *split_f64(rho if rho is not None else 1.0),
         *split_f64(start), *split_f64(lf),
         t_eps, cgi, cgt,
-        COST=COST_IDS[cost], BALANCED=rho is None, MODE=MODES[mode], NEED_DY=bool(need_dy),
+        COST=cost_code(cost), BALANCED=rho is None, MODE=grad_code(mode), NEED_DY=bool(need_dy),
         ACC=_TL[acc], TINY=torch.finfo(acc).tiny, BN=ls.BN, BM=ls.BM, BD=ls.BD, PREC=ls.prec,
         LOWP=launch.lowp_backward() and in_dtype in (torch.float16, torch.bfloat16)
         and not ls.upcast_dot, UPCAST=ls.upcast_dot,

@@ -47,7 +47,8 @@ Passes (each streams the n×m tile grid once; grid = (⌈rows/block_r⌉, B[, d-
 * forward: 2 per iteration, +1 per convergence check (tol > 0), +2 at the end (value, err);
 * envelope: 1 (dx or dC), +1 for dy;
 * implicit: 2 (P1, (P∘C)1 and transposed) + 2 per CG step (Jacobi PCG, at most
-  ``cfg.cg_max_iter`` or min(4(n+m)+50, ``CG_MAX_DEFAULT``) steps; a host check every
+  ``cfg.cg_limits(n, m, dtype, streamed=True)`` steps: ``cg_max_iter``, by default
+  min(4(n+m)+50, ``config.CG_STREAMED_CAP`` = 1000); a host check every
   ``CG_SYNC_EVERY`` steps ends the loop once every problem is done) + the G pass(es);
 * unrolled: 2 direct (+2 LSE when unbalanced) + per stored iteration 2 (given C, G accumulated
   into dC) or 4 (points; each softmax renormalised in-pass, dy carried along).
@@ -67,11 +68,12 @@ import triton
 import triton.language as tl
 
 from ...config import SolverConfig, SolverOut
+from ...constants import POINT_COSTS, cost_code
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 NORM_FLOOR = 1e-8
-COST_CODES = {"cosine": 1, "sqeuclidean": 2, "dot": 3}  # 0: a given cost matrix
+COST_CODES = {c: cost_code(c) for c in POINT_COSTS}  # kernel codes (constants.Cost)
 
 _NEG = tl.constexpr(-1.0e30)  # finite "−inf": NEG − NEG = 0, never NaN
 _LN2 = tl.constexpr(LN2)
@@ -136,7 +138,6 @@ class Tiles:
 
 DEFAULT_TILES = Tiles()
 CG_SYNC_EVERY = 10  # implicit backward: host check "all CG problems done" every k steps (0: never)
-CG_MAX_DEFAULT = 1000  # cap of the default CG iteration count 4(n+m)+50 (each step streams P twice)
 
 
 # ============================================================================ kernels
@@ -866,8 +867,7 @@ def _implicit_uv(prob: _Problem, p, q, K, cfg: SolverConfig):
     def dot(x1, y1, x2, y2):
         return (x1 * x2).sum(1) + (y1 * y2).sum(1)
 
-    max_iter = cfg.cg_max_iter or min(4 * (prob.n + prob.m) + 50, CG_MAX_DEFAULT)
-    tol = cfg.cg_tol or (1e-13 if dt == torch.float64 else 1e-6)
+    max_iter, tol = cfg.cg_limits(prob.n, prob.m, dt, streamed=True)
     u, v = torch.zeros_like(rhs_u), torch.zeros_like(rhs_v)
     ru, rv = rhs_u.clone(), rhs_v.clone()
     zu, zv = ru / du, rv / dv
