@@ -143,8 +143,9 @@ class EpsSchedule(NamedTuple):
     ``ε_t = max(eps, start·factor^(t−1))`` for ``t < t_eps`` and ``ε_t = eps`` for
     ``t ≥ t_eps``, where ``t_eps`` is the first iteration at which that expression equals
     ``eps`` exactly (``max_iter + 1`` if it never does within ``max_iter``). Constant ε:
-    ``start = eps``, ``factor = 1``, ``t_eps = 1``. ``table`` holds ``ε_1 .. ε_{t_eps−1}``
-    (empty for constant ε). Every backend reads this form: the torch oracle and the streaming
+    ``start = eps``, ``factor = 1``, ``t_eps = 1``. ``table`` holds ``ε_1 .. ε_L``,
+    ``L = min(t_eps, max_iter)``: the schedule up to and including the first ``eps`` (empty for
+    constant ε; never ``max_iter`` entries once ε reaches ``eps``, issue 9). Every backend reads this form: the torch oracle and the streaming
     Triton host loop through :meth:`SolverConfig.eps_at`, the CPU kernels the ``table``, the
     resident Triton and CUDA kernels ``(start, factor, t_eps)``.
     """
@@ -178,7 +179,8 @@ def _resolve_schedule(
         while t_eps <= max_iter and at(t_eps) != eps:
             t_eps += 1
     t_eps = min(t_eps, max_iter + 1)
-    return EpsSchedule(start, factor, t_eps, tuple(at(t) for t in range(1, t_eps)))
+    table = tuple(at(t) for t in range(1, min(t_eps, max_iter) + 1))
+    return EpsSchedule(start, factor, t_eps, table)
 
 
 @dataclass(frozen=True)

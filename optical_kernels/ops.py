@@ -161,8 +161,8 @@ def sinkhorn_op(
     sched_start: float | None,
     sched_factor: float | None,
     grad: str,
-    cg_max_iter: int | None,
-    cg_tol: float | None,
+    cg_max_iter: int | None = None,
+    cg_tol: float | None = None,
 ) -> _Outs:
     """Solve a padded batch on cost C [B, n, m] with the named backend."""
     cfg = config_from_args(
@@ -174,7 +174,7 @@ def sinkhorn_op(
 
 @sinkhorn_op.register_fake
 def _(C, a, b, backend, eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad,  # noqa: ANN001, ANN202
-      cg_max_iter, cg_tol):
+      cg_max_iter=None, cg_tol=None):
     return fake_outputs(*C.shape, like=C, cfg_grad=grad, max_iter=max_iter)
 
 
@@ -202,8 +202,8 @@ def sinkhorn_backward_op(
     sched_start: float | None,
     sched_factor: float | None,
     grad: str,
-    cg_max_iter: int | None,
-    cg_tol: float | None,
+    cg_max_iter: int | None = None,
+    cg_tol: float | None = None,
 ) -> Tensor:
     """∂L/∂C [B, n, m] for the named backend and gradient mode."""
     cfg = config_from_args(
@@ -262,8 +262,8 @@ def sinkhorn_sample_op(
     sched_start: float | None,
     sched_factor: float | None,
     grad: str,
-    cg_max_iter: int | None,
-    cg_tol: float | None,
+    cg_max_iter: int | None = None,
+    cg_tol: float | None = None,
 ) -> _Outs:
     """Solve with the cost fused from points x [B, n, d], y [B, m, d]."""
     cfg = config_from_args(
@@ -276,7 +276,7 @@ def sinkhorn_sample_op(
 @sinkhorn_sample_op.register_fake
 def _(
     x, y, a, b, cost, backend, eps, rho, max_iter, tol, check_every, sched_start, sched_factor,
-    grad, cg_max_iter, cg_tol,
+    grad, cg_max_iter=None, cg_tol=None,
 ):  # noqa: ANN001, ANN202
     return fake_outputs(x.shape[0], x.shape[1], y.shape[1], a, grad, max_iter)
 
@@ -308,8 +308,8 @@ def sinkhorn_sample_backward_op(
     sched_start: float | None,
     sched_factor: float | None,
     grad: str,
-    cg_max_iter: int | None,
-    cg_tol: float | None,
+    cg_max_iter: int | None = None,
+    cg_tol: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(∂L/∂x [B, n, d], ∂L/∂y [B, m, d] or an empty tensor when ``need_dy`` is False)."""
     cfg = config_from_args(

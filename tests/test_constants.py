@@ -215,8 +215,8 @@ def test_eps_schedule_resolved_form() -> None:
     s = cfg.schedule
     assert (s.start, s.factor) == (1.0, 0.5)
     assert s.t_eps == 6  # 1, .5, .25, .125, .0625, then 0.05
-    assert s.table == (1.0, 0.5, 0.25, 0.125, 0.0625)
-    assert [cfg.eps_at(t) for t in range(1, 8)] == [*s.table, 0.05, 0.05]
+    assert s.table == (1.0, 0.5, 0.25, 0.125, 0.0625, 0.05)
+    assert [cfg.eps_at(t) for t in range(1, 8)] == [*s.table, 0.05]
     assert [t for t in range(1, 31) if SolverConfig(
         eps=0.05, max_iter=100, eps_schedule=(1.0, 0.5), tol=1e-4, check_every=2
     ).checks_at(t)] == list(range(6, 31, 2))

@@ -219,10 +219,17 @@ def _eps_cached(table: tuple[float, ...]) -> torch.Tensor:
     return torch.tensor(table, dtype=torch.float64)
 
 
+def _eps_schedule(cfg: SolverConfig, T: int) -> torch.Tensor:
+    """ε_t for t = 1..L, float64 (``cfg.schedule.table``, resolved once by the config; cached,
+    read-only), L ≤ T the first iteration at which ε_t reaches ``eps``; the C++ side uses
+    ``eps`` for t > L. Constant ε gives an empty table (issue 9: a ``max_iter`` table took
+    seconds and memory for ``max_iter=10**7``)."""
+    return _eps_cached(cfg.schedule.table)[: max(T, 1)]
+
+
 def _params(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig) -> object:
     """The :class:`_cpu.Params` of one call: sizes, input pointers and the resolved
-    configuration (``eps_t`` = ``cfg.schedule.table``, ε_t for t < t_eps; the C++ side uses
-    ``eps`` from there on; constant ε: an empty table). Returns ``(params, keep-alive)``."""
+    configuration (``eps_t``: :func:`_eps_schedule`). Returns ``(params, keep-alive)``."""
     p = _cpu.Params()  # type: ignore[union-attr]
     p.B, p.n, p.m = C.shape
     p.dtype = int(DType.F32 if C.dtype == torch.float32 else DType.F64)
@@ -231,7 +238,7 @@ def _params(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig
     p.b, p.sb = b.data_ptr(), tuple(b.stride())
     p.eps, p.rho = float(cfg.eps), -1.0 if cfg.rho is None else float(cfg.rho)
     p.max_iter, p.tol, p.check_every = int(cfg.max_iter), float(cfg.tol), int(cfg.check_every)
-    eps_t = _eps_cached(cfg.schedule.table)
+    eps_t = _eps_schedule(cfg, cfg.max_iter)
     p.eps_t, p.eps_len = eps_t.data_ptr(), eps_t.numel()
     p.num_threads, p.log_only, p.par_min = torch.get_num_threads(), int(LOG_DOMAIN), PAR_MIN
     return p, eps_t
