@@ -145,9 +145,10 @@ class EpsSchedule(NamedTuple):
     ``eps`` exactly (``max_iter + 1`` if it never does within ``max_iter``). Constant ε:
     ``start = eps``, ``factor = 1``, ``t_eps = 1``. ``table`` holds ``ε_1 .. ε_L``,
     ``L = min(t_eps, max_iter)``: the schedule up to and including the first ``eps`` (empty for
-    constant ε; never ``max_iter`` entries once ε reaches ``eps``, issue 9). Every backend reads this form: the torch oracle and the streaming
-    Triton host loop through :meth:`SolverConfig.eps_at`, the CPU kernels the ``table``, the
-    resident Triton and CUDA kernels ``(start, factor, t_eps)``.
+    constant ε; never ``max_iter`` entries once ε reaches ``eps``, issue 9). Every backend
+    reads this form: the torch oracle and the streaming Triton host loop through
+    :meth:`SolverConfig.eps_at`, the CPU kernels the ``table``, the resident Triton and CUDA
+    kernels ``(start, factor, t_eps)``.
     """
 
     start: float
