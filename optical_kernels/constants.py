@@ -11,6 +11,7 @@ checks that the three agree. Triton kernels take the codes as ``tl.constexpr`` i
 * :class:`GradMode` — the backward formula (docs/design.md §3): ``ENVELOPE``, ``IMPLICIT``,
   ``UNROLLED``.
 * :class:`DType` — element types of the CUDA launch description (``Params.dtype``).
+* :data:`CUDA_MAX_SIZE` — the size limit of the CUDA resident kernels.
 
 Member names are the upper-case strings of the public API (``cost="cosine"``,
 ``grad="implicit"``): ``Cost.COSINE.label == "cosine"``, ``cost_code("cosine") == 1``.
@@ -58,6 +59,9 @@ class DType(_Named):
     BF16 = 3
 
 
+#: Largest n and m of the CUDA resident kernels (one block per problem, rows held by warps).
+CUDA_MAX_SIZE = 256
+
 #: Costs computed from points (the public ``cost=`` choices), in code order.
 POINT_COSTS: tuple[str, ...] = tuple(c.label for c in Cost if c is not Cost.GIVEN)
 #: The gradient modes (the public ``grad=`` choices besides ``"auto"``), in code order.
@@ -87,5 +91,7 @@ def grad_code(grad: str) -> int:
 
 
 def as_dict() -> dict[str, int]:
-    """Every code as ``{"Cost.COSINE": 1, ...}`` (the form the compiled modules export)."""
-    return {f"{e.__name__}.{m.name}": int(m) for e in (Cost, GradMode, DType) for m in e}
+    """Every constant as ``{"Cost.COSINE": 1, ..., "CUDA_MAX_SIZE": 256}`` (the form the
+    compiled modules export)."""
+    codes = {f"{e.__name__}.{m.name}": int(m) for e in (Cost, GradMode, DType) for m in e}
+    return {**codes, "CUDA_MAX_SIZE": CUDA_MAX_SIZE}

@@ -49,8 +49,10 @@ def _header_enums() -> dict[str, dict[str, int]]:
 def _header_exports() -> dict[str, int]:
     """The ``f("Enum.MEMBER", kMember)`` list the modules' CONSTANTS dict is built from,
     with each ``kMember`` replaced by its value in the header's enums."""
+    text = HEADER.read_text()
     values = {f"k{m}".upper(): v for e in _header_enums().values() for m, v in e.items()}
-    pairs = re.findall(r'f\("(\w+\.\w+)",\s*(k\w+)\)', HEADER.read_text())
+    values |= {k.upper(): int(v) for k, v in re.findall(r"constexpr int (k\w+) = (\d+);", text)}
+    pairs = re.findall(r'f\("([\w.]+)",\s*(k\w+)\)', text)
     return {key: values[sym.upper()] for key, sym in pairs}
 
 
@@ -63,6 +65,15 @@ def test_header_enums_equal_python_enums() -> None:
 
 def test_header_export_list_is_complete() -> None:
     assert _header_exports() == constants.as_dict()
+
+
+def test_cuda_size_limit_has_one_source() -> None:
+    from optical_kernels.backends import cuda
+
+    assert "constexpr int kMaxSize = kCudaMaxSize;" in (
+        ROOT / "csrc" / "cuda" / "okc_params.h"
+    ).read_text()
+    assert cuda.MAX_SIZE == constants.CUDA_MAX_SIZE == _header_exports()["CUDA_MAX_SIZE"]
 
 
 def test_public_names_follow_the_codes() -> None:
@@ -145,18 +156,33 @@ def _implicit_grad(backend: str, **cg: object) -> torch.Tensor:
     return gx
 
 
-def _backends_under_test() -> list[str]:
-    names = ["torch"]
-    if cpu.is_available()[0]:
-        names.append("cpu")
-    return names
+@pytest.fixture
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A backend name for the public API; ``cuda`` runs through the CPU emulator build."""
+    name = request.param
+    if name == "cpu":
+        if not cpu.is_available()[0]:
+            pytest.skip(cpu.is_available()[1])
+        monkeypatch.setattr(cpu, "DIRECT_MAX", 0)  # force the cpu backend's CG path
+    if name == "triton":
+        from optical_kernels.backends import triton as ok_triton
+
+        if not ok_triton.is_available()[0]:
+            pytest.skip(ok_triton.is_available()[1])
+    if name == "cuda":
+        from optical_kernels.backends import cuda as ok_cuda
+        from tests.test_cuda import _emu_build
+
+        ok_cuda._use_module(_emu_build())
+        request.addfinalizer(lambda: ok_cuda._use_module(None))
+    return name
 
 
-@pytest.mark.parametrize("backend", _backends_under_test())
-def test_cg_options_reach_the_kernels(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "cuda"], indirect=True)
+def test_cg_options_reach_the_kernels(backend: str) -> None:
     """cg_max_iter=1 / a loose cg_tol change the implicit gradient; the default equals the
-    documented formula given explicitly (the cpu backend's CG runs past DIRECT_MAX)."""
-    monkeypatch.setattr(cpu, "DIRECT_MAX", 0)  # force the cpu backend's CG path
+    documented formula given explicitly (the cpu backend's CG runs past DIRECT_MAX; cuda is
+    the CPU emulator build of its kernels, triton the interpreter)."""
     default = _implicit_grad(backend)
     explicit = _implicit_grad(backend, cg_max_iter=default_cg_max_iter(9, 7), cg_tol=1e-13)
     one_step = _implicit_grad(backend, cg_max_iter=1)
@@ -169,11 +195,11 @@ def test_cg_options_reach_the_kernels(backend: str, monkeypatch: pytest.MonkeyPa
     torch.testing.assert_close(many, default, rtol=1e-9, atol=1e-11)
 
 
-def test_cpu_backend_default_cg_matches_the_oracle(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not cpu.is_available()[0]:
-        pytest.skip(cpu.is_available()[1])
-    monkeypatch.setattr(cpu, "DIRECT_MAX", 0)
-    torch.testing.assert_close(_implicit_grad("cpu"), _implicit_grad("torch"),
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"], indirect=True)
+@pytest.mark.parametrize("cg", [{}, {"cg_max_iter": 1}, {"cg_max_iter": 3, "cg_tol": 1e-3}])
+def test_cg_options_match_the_oracle(backend: str, cg: dict) -> None:
+    """Same CG cap and tolerance as the torch oracle: same implicit gradient, truncated too."""
+    torch.testing.assert_close(_implicit_grad(backend, **cg), _implicit_grad("torch", **cg),
                                rtol=1e-7, atol=1e-10)  # fmt: skip
 
 

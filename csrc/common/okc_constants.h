@@ -17,7 +17,10 @@ enum GradMode : int { kEnvelope = 0, kImplicit = 1, kUnrolled = 2 };
 // Element types of the CUDA launch description (Python: constants.DType).
 enum DType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
 
-// Calls f("Enum.MEMBER", value) for every code above (the modules' CONSTANTS export).
+// Largest n and m of the CUDA resident kernels (Python: constants.CUDA_MAX_SIZE).
+constexpr int kCudaMaxSize = 256;
+
+// Calls f("Enum.MEMBER" or "NAME", value) for every constant above (the modules' CONSTANTS).
 template <class F>
 inline void okc_for_each_constant(F&& f) {
   f("Cost.GIVEN", kGiven);
@@ -31,6 +34,7 @@ inline void okc_for_each_constant(F&& f) {
   f("DType.F64", kF64);
   f("DType.F16", kF16);
   f("DType.BF16", kBF16);
+  f("CUDA_MAX_SIZE", kCudaMaxSize);
 }
 
 }  // namespace okc

@@ -40,6 +40,7 @@ void check_params(const CpuParams& p, bool backward) {
   if (!(p.eps > 0)) bad("eps must be > 0");
   if (p.eps_len < 0 || (p.eps_len > 0 && !p.eps_t)) bad("eps_t must hold eps_len >= 0 entries");
   if (p.num_threads < 1) bad("num_threads must be >= 1");
+  if (p.par_min < 1) bad("par_min must be >= 1 (backends/cpu.py PAR_MIN)");
   if ((p.hist_f != 0) != (p.hist_g != 0)) bad("hist_f and hist_g must be given together");
   if (p.hist_T < 0) bad("hist_T must be >= 0");
   const bool work = p.B > 0 && p.n > 0 && p.m > 0;
@@ -56,6 +57,7 @@ void check_params(const CpuParams& p, bool backward) {
   if (p.mode < okc::kEnvelope || p.mode > okc::kUnrolled) bad("unknown gradient mode");
   if (p.cg_max_iter < 1) bad("cg_max_iter must be >= 1 (resolved by SolverConfig.cg_limits)");
   if (!(p.cg_tol > 0)) bad("cg_tol must be > 0 (resolved by SolverConfig.cg_limits)");
+  if (p.direct_max < 0) bad("direct_max must be >= 0 (backends/cpu.py DIRECT_MAX)");
   if (work && (!p.grad_value || !p.grad_value_linear || !p.dC)) bad("null gradient pointer");
 }
 

@@ -50,8 +50,9 @@ struct CpuParams {
   int num_threads = 1;
   double tau = 0.0;                    // absorption threshold on |log u|; 0: dtype default
   int log_only = 0;                    // 1: plain log-domain iterations / reverse pass
-  int64_t par_min = 1 << 18;           // problems with n·m >= this use inner parallelism
-  int direct_max = 384;                // implicit: dense Schur solve when min(n, m) <= this
+  int64_t par_min = 0;                 // >= 1: problems with n·m >= this use inner parallelism
+  int direct_max = -1;                 // >= 0: implicit, dense Schur solve when min(n, m) <= this
+                                       // (both set by backends/cpu.py: PAR_MIN, DIRECT_MAX)
 };
 
 }  // namespace okc

@@ -10,7 +10,7 @@
 namespace okc {
 
 // Hard size limit of the resident kernels (one block per problem, rows held by warps).
-constexpr int kMaxSize = 256;
+constexpr int kMaxSize = kCudaMaxSize;
 
 struct Params {
     // ---- problem -----------------------------------------------------------------------

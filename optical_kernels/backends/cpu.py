@@ -241,6 +241,7 @@ def _params(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig
     eps_t = _eps_schedule(cfg, cfg.max_iter)
     p.eps_t, p.eps_len = eps_t.data_ptr(), eps_t.numel()
     p.num_threads, p.log_only, p.par_min = torch.get_num_threads(), int(LOG_DOMAIN), PAR_MIN
+    p.direct_max = DIRECT_MAX
     return p, eps_t
 
 
@@ -331,7 +332,6 @@ def backward(
             p.hist_f, p.hist_g, p.hist_T = hist_f.data_ptr(), hist_g.data_ptr(), hist_f.shape[0]
         p.grad_value, p.grad_value_linear, p.dC = gv.data_ptr(), gl.data_ptr(), dC.data_ptr()
         p.cg_max_iter, p.cg_tol = cfg.cg_limits(n, m, dt)
-        p.direct_max = DIRECT_MAX
         _cpu.backward(p)
         del keep
     return dC

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..config import SolverConfig, SolverOut, resolve_cg
-from ..constants import POINT_COSTS, TORCH_DTYPES, Cost, cost_code, grad_code
+from ..constants import CUDA_MAX_SIZE, POINT_COSTS, TORCH_DTYPES, Cost, cost_code, grad_code
 from ..ops import config_args, config_from_args, fake_outputs
 
 try:  # the compiled extension is optional (built by setup.py only where nvcc exists)
@@ -53,7 +53,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     _IMPORT_ERROR = str(exc)
 
 #: Largest n and m the resident kernels accept.
-MAX_SIZE = 256
+MAX_SIZE = CUDA_MAX_SIZE
 _DTYPES = {dt: int(code) for dt, code in TORCH_DTYPES.items()}
 
 # Module that launches the kernels: optical_kernels._cuda, or (tests only) the CPU emulator
