@@ -34,10 +34,13 @@ import triton.language as tl
 from torch import Tensor
 
 from ...config import resolve_cg
-from ...constants import cost_code, grad_code
+from ...constants import GradMode, cost_code, grad_code
 from . import launch
 from .resident import (
     _TL,
+    COSINE,
+    GIVEN,
+    SQEUCLIDEAN,
     _cost_tile,
     _eps_at,
     _pair,
@@ -47,6 +50,10 @@ from .resident import (
     schedule_args,
     split_f64,
 )
+
+# the codes of constants.GradMode as the kernel compares them (MODE is a tl.constexpr argument)
+ENVELOPE = tl.constexpr(int(GradMode.ENVELOPE))
+IMPLICIT = tl.constexpr(int(GradMode.IMPLICIT))
 
 
 @triton.jit
@@ -104,9 +111,9 @@ def resident_backward_kernel(
 
     P = tl.exp2(la2[:, None] + lb2[None, :] + (f[:, None] + g[None, :] - C) * k_eps)
 
-    if MODE == 0:
+    if MODE == ENVELOPE:
         G = (gv + gl) * P
-    elif MODE == 1:
+    elif MODE == IMPLICIT:
         if BALANCED:
             kappa = 1.0
         else:
@@ -187,14 +194,14 @@ def resident_backward_kernel(
             t -= 1
     G = tl.where(mask, G, 0.0)
 
-    if COST == 0:
+    if COST == GIVEN:
         gptrs = G_ptr + pid64 * s_Gb + offs_n[:, None] * s_Gn + offs_m[None, :] * s_Gm
         tl.store(gptrs, G.to(G_ptr.dtype.element_ty),
                  mask=(offs_n[:, None] < n) & (offs_m[None, :] < m))
     else:
         rowG = tl.sum(G, axis=1)
         colG = tl.sum(G, axis=0)
-        if COST == 1:
+        if COST == COSINE:
             nx = tl.sqrt(xx)
             ny = tl.sqrt(yy)
             nxc = tl.maximum(nx, 1e-8)
@@ -223,10 +230,10 @@ def resident_backward_kernel(
             else:
                 hx = tl.dot(Gx, yt.to(ACC), input_precision=PREC, out_dtype=ACC)
             xf = xt.to(ACC)
-            if COST == 1:
+            if COST == COSINE:
                 dx = (sx[:, None] * xf / nxc[:, None] - hx) / nxc[:, None]
                 dx = tl.where((nx < 1e-8)[:, None], 0.0, dx)
-            elif COST == 2:
+            elif COST == SQEUCLIDEAN:
                 dx = 2.0 * (rowG[:, None] * xf - hx)
             else:
                 dx = -hx
@@ -240,10 +247,10 @@ def resident_backward_kernel(
                 else:
                     hy = tl.dot(tl.trans(Gy), xf, input_precision=PREC, out_dtype=ACC)
                 yf = yt.to(ACC)
-                if COST == 1:
+                if COST == COSINE:
                     dy = (sy[:, None] * yf / nyc[:, None] - hy) / nyc[:, None]
                     dy = tl.where((ny < 1e-8)[:, None], 0.0, dy)
-                elif COST == 2:
+                elif COST == SQEUCLIDEAN:
                     dy = 2.0 * (colG[:, None] * yf - hy)
                 else:
                     dy = -hy

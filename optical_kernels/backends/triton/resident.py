@@ -42,11 +42,15 @@ import triton.language as tl
 from torch import Tensor
 
 from ...config import SolverConfig
-from ...constants import cost_code
+from ...constants import Cost, cost_code
 from . import launch
 
 # log2-weight of padded positions: finite (no inf − inf), and exp2(NEG + anything finite) == 0
 NEG = tl.constexpr(-1.0e30)
+# the codes of constants.Cost as the kernels compare them (COST is a tl.constexpr argument)
+GIVEN = tl.constexpr(int(Cost.GIVEN))
+COSINE = tl.constexpr(int(Cost.COSINE))
+SQEUCLIDEAN = tl.constexpr(int(Cost.SQEUCLIDEAN))
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -89,7 +93,7 @@ def _cost_tile(
     pid64 = pid.to(tl.int64)
     xx = tl.zeros([BN], dtype=ACC)
     yy = tl.zeros([BM], dtype=ACC)
-    if COST == 0:
+    if COST == GIVEN:
         ptrs = C_ptr + pid64 * s_cb + offs_n[:, None] * s_cn + offs_m[None, :] * s_cm
         C = tl.load(ptrs, mask=rn[:, None] & rm[None, :], other=0.0).to(ACC)
     else:
@@ -111,13 +115,13 @@ def _cost_tile(
                 xy = tl.dot(xt, tl.trans(yt), acc=xy, input_precision=PREC, out_dtype=ACC)
             xx += tl.sum(xf * xf, axis=1)
             yy += tl.sum(yf * yf, axis=1)
-        if COST == 1:
+        if COST == COSINE:
             nx = tl.maximum(tl.sqrt(xx), 1e-8)
             ny = tl.maximum(tl.sqrt(yy), 1e-8)
             C = 1.0 - xy / (nx[:, None] * ny[None, :])
             # ‖x‖ < 1e-8: no direction, x̂ = 0 (costs.py)
             C = tl.where((tl.sqrt(xx) < 1e-8)[:, None] | (tl.sqrt(yy) < 1e-8)[None, :], 1.0, C)
-        elif COST == 2:
+        elif COST == SQEUCLIDEAN:
             C = tl.maximum(xx[:, None] + yy[None, :] - 2.0 * xy, 0.0)
         else:
             C = -xy
