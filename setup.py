@@ -36,6 +36,7 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).parent.resolve()
 CPU_DIR = Path("csrc") / "cpu"
 CUDA_DIR = Path("csrc") / "cuda"
+COMMON_DIR = Path("csrc") / "common"  # headers included by both (okc_constants.h)
 
 
 def _flag(name: str) -> bool:
@@ -169,6 +170,7 @@ class BuildExt(build_ext):
         def compile_one(src: str) -> str:
             obj = tmp / (Path(src).name + ".o")
             headers = [p for p in Path(src).parent.iterdir() if p.suffix in (".h", ".cuh")]
+            headers += sorted(COMMON_DIR.glob("*.h"))  # okc_constants.h, shared by cpu and cuda
             deps = [Path(src), *headers]
             if obj.exists() and all(obj.stat().st_mtime >= d.stat().st_mtime for d in deps):
                 return str(obj)

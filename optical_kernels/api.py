@@ -120,6 +120,8 @@ def _config(
     check_every: object,
     eps_schedule: object,
     backend: object,
+    cg_max_iter: object = None,
+    cg_tol: object = None,
     allowed_objectives: Sequence[str] = OBJECTIVES,
 ) -> tuple[SolverConfig, str]:
     eps_f = _positive("eps", eps)
@@ -129,6 +131,8 @@ def _config(
     max_iter_i = _int_at_least_1("max_iter", max_iter)
     tol_f = _positive("tol", tol, allow_zero=True)
     check_i = _int_at_least_1("check_every", check_every)
+    cg_max_iter_i = None if cg_max_iter is None else _int_at_least_1("cg_max_iter", cg_max_iter)
+    cg_tol_f = None if cg_tol is None else _positive("cg_tol", cg_tol)
     _choice("backend", backend, ("auto",) + _backends.BACKENDS)
     schedule = None
     if eps_schedule is not None:
@@ -143,7 +147,9 @@ def _config(
         grad = "implicit" if objective == "linear" else "envelope"
     if grad == "implicit" and objective != "linear":
         grad = "envelope"  # Danskin: P is the exact gradient of OT_ε at the fixed point
-    cfg = SolverConfig(eps_f, rho_f, max_iter_i, tol_f, check_i, schedule, grad)
+    cfg = SolverConfig(
+        eps_f, rho_f, max_iter_i, tol_f, check_i, schedule, grad, cg_max_iter_i, cg_tol_f
+    )
     return cfg, objective
 
 
@@ -461,6 +467,8 @@ def solve_sample(
     check_every: int = 10,
     eps_schedule: tuple[float, float] | None = None,
     backend: str = "auto",
+    cg_max_iter: int | None = None,
+    cg_tol: float | None = None,
 ) -> OTResult:
     """Entropic OT between point clouds x [B, n, d] and y [B, m, d] (or [n, d], [m, d]).
 
@@ -497,6 +505,14 @@ def solve_sample(
             ``None`` (default) uses ``eps`` throughout.
         backend: ``"auto"`` (default), ``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or
             ``"online"`` (no [n, m] matrix: row tiles of the cost recomputed from the points).
+        cg_max_iter: iteration cap (int >= 1) of the conjugate-gradient solve behind
+            ``grad="implicit"`` (the exact gradient of ``<P, C>``, docs/design.md §3).
+            ``None`` (default): ``4(n+m)+50`` for padded sizes n, m, at most 1000 on the
+            streaming Triton kernel (n or m > 128; each CG step streams the plan twice).
+            Unused by the other gradient modes and by the cpu backend's direct solve
+            (``min(n, m) <= 384``).
+        cg_tol: relative residual (> 0) at which that CG stops; ``None`` (default): 1e-13
+            in float64, 1e-6 otherwise.
 
     Returns:
         :class:`OTResult` with ``value`` [B] the objective selected by ``objective``
@@ -517,6 +533,8 @@ def solve_sample(
         check_every=check_every,
         eps_schedule=eps_schedule,
         backend=backend,
+        cg_max_iter=cg_max_iter,
+        cg_tol=cg_tol,
     )
     cost = _choice("cost", cost, COSTS)
     x, y, unbatched = _points(x, y)
@@ -568,6 +586,8 @@ def solve(
     check_every: int = 10,
     eps_schedule: tuple[float, float] | None = None,
     backend: str = "auto",
+    cg_max_iter: int | None = None,
+    cg_tol: float | None = None,
 ) -> OTResult:
     """Entropic OT on a precomputed cost C [B, n, m] (or [n, m]); differentiable in C.
 
@@ -587,6 +607,8 @@ def solve(
         check_every=check_every,
         eps_schedule=eps_schedule,
         backend=backend,
+        cg_max_iter=cg_max_iter,
+        cg_tol=cg_tol,
         allowed_objectives=("linear", "entropic"),
     )
     C = _float_tensor("C", C)
@@ -627,6 +649,8 @@ def sinkhorn_loss(
     reduction: str = "mean",
     eps_schedule: tuple[float, float] | None = None,
     backend: str = "auto",
+    cg_max_iter: int | None = None,
+    cg_tol: float | None = None,
 ) -> torch.Tensor:
     """OT loss between token embeddings x [B, n, d] and y [B, m, d] (the OPTICAL loss).
 
@@ -656,6 +680,8 @@ def sinkhorn_loss(
         check_every=check_every,
         eps_schedule=eps_schedule,
         backend=backend,
+        cg_max_iter=cg_max_iter,
+        cg_tol=cg_tol,
     )
     if reduction == "none":
         return res.value
@@ -687,6 +713,8 @@ class SinkhornLoss(torch.nn.Module):
         reduction: str = "mean",
         eps_schedule: tuple[float, float] | None = None,
         backend: str = "auto",
+        cg_max_iter: int | None = None,
+        cg_tol: float | None = None,
     ) -> None:
         super().__init__()
         self.kwargs = dict(
@@ -701,6 +729,8 @@ class SinkhornLoss(torch.nn.Module):
             reduction=reduction,
             eps_schedule=eps_schedule,
             backend=backend,
+            cg_max_iter=cg_max_iter,
+            cg_tol=cg_tol,
         )
         # validate now, so a bad keyword fails at construction
         _config(
@@ -713,6 +743,8 @@ class SinkhornLoss(torch.nn.Module):
             check_every=check_every,
             eps_schedule=eps_schedule,
             backend=backend,
+            cg_max_iter=cg_max_iter,
+            cg_tol=cg_tol,
         )
         _choice("cost", cost, COSTS)
         _choice("reduction", reduction, REDUCTIONS)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import torch
 
-COSTS = ("cosine", "sqeuclidean", "dot")
+from .constants import POINT_COSTS
+
+COSTS = POINT_COSTS  # the public cost names, in kernel-code order (constants.Cost)
 NORM_FLOOR = 1e-8
 
 

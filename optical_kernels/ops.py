@@ -39,8 +39,8 @@ def config_from_args(
     sched_start: float | None,
     sched_factor: float | None,
     grad: str,
-    cg_max_iter: int = 0,
-    cg_tol: float = 0.0,
+    cg_max_iter: int | None = None,
+    cg_tol: float | None = None,
 ) -> SolverConfig:
     """The :class:`SolverConfig` behind the scalar arguments of a custom op (inverse of
     :func:`config_args`)."""
@@ -52,6 +52,12 @@ def config_args(cfg: SolverConfig) -> tuple:
     """Flatten a :class:`SolverConfig` into the scalar arguments of the custom ops."""
     start, factor = cfg.eps_schedule if cfg.eps_schedule is not None else (None, None)
     return (cfg.eps, cfg.rho, cfg.max_iter, cfg.tol, cfg.check_every, start, factor, cfg.grad)
+
+
+def op_args(cfg: SolverConfig) -> tuple:
+    """:func:`config_args` and the user's CG options (``None``: default), the trailing scalar
+    arguments of the ops of this module (resolved by the backend's ``cfg.cg_limits``)."""
+    return (*config_args(cfg), cfg.cg_max_iter, cfg.cg_tol)
 
 
 def _pack(out: SolverOut, cfg: SolverConfig, B: int, n: int, m: int, like: Tensor) -> _Outs:
@@ -156,15 +162,20 @@ def sinkhorn_op(
     sched_start: float | None,
     sched_factor: float | None,
     grad: str,
+    cg_max_iter: int | None = None,
+    cg_tol: float | None = None,
 ) -> _Outs:
     """Solve a padded batch on cost C [B, n, m] with the named backend."""
-    cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    cfg = config_from_args(
+        eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad, cg_max_iter, cg_tol
+    )
     out = _module(backend, C.shape[1], C.shape[2]).forward(C, a, b, cfg)
     return _pack(out, cfg, *C.shape, like=C)
 
 
 @sinkhorn_op.register_fake
-def _(C, a, b, backend, eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad):  # noqa: ANN001, ANN202
+def _(C, a, b, backend, eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad,  # noqa: ANN001, ANN202
+      cg_max_iter=None, cg_tol=None):
     return fake_outputs(*C.shape, like=C, cfg_grad=grad, max_iter=max_iter)
 
 
@@ -192,9 +203,13 @@ def sinkhorn_backward_op(
     sched_start: float | None,
     sched_factor: float | None,
     grad: str,
+    cg_max_iter: int | None = None,
+    cg_tol: float | None = None,
 ) -> Tensor:
     """∂L/∂C [B, n, m] for the named backend and gradient mode."""
-    cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    cfg = config_from_args(
+        eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad, cg_max_iter, cg_tol
+    )
     out = _unpack(f, g, value, value_linear, n_iters, err, hist_f, hist_g)
     mod = _module(backend, C.shape[1], C.shape[2])
     dC = mod.backward(C, a, b, out, grad_value, grad_value_linear, cfg)
@@ -245,17 +260,22 @@ def sinkhorn_sample_op(
     sched_start: float | None,
     sched_factor: float | None,
     grad: str,
+    cg_max_iter: int | None = None,
+    cg_tol: float | None = None,
 ) -> _Outs:
     """Solve with the cost fused from points x [B, n, d], y [B, m, d]."""
-    cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    cfg = config_from_args(
+        eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad, cg_max_iter, cg_tol
+    )
     out = _sample_impl(backend, x.shape[1], y.shape[1])[0](x, y, a, b, cost, cfg)
     return _pack(out, cfg, x.shape[0], x.shape[1], y.shape[1], like=a)
 
 
 @sinkhorn_sample_op.register_fake
 def _(
-    x, y, a, b, cost, backend, eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad
-):  # noqa: ANN001, ANN202, E501
+    x, y, a, b, cost, backend, eps, rho, max_iter, tol, check_every, sched_start, sched_factor,
+    grad, cg_max_iter=None, cg_tol=None,
+):  # noqa: ANN001, ANN202
     return fake_outputs(x.shape[0], x.shape[1], y.shape[1], a, grad, max_iter)
 
 
@@ -286,9 +306,13 @@ def sinkhorn_sample_backward_op(
     sched_start: float | None,
     sched_factor: float | None,
     grad: str,
+    cg_max_iter: int | None = None,
+    cg_tol: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(∂L/∂x [B, n, d], ∂L/∂y [B, m, d] or an empty tensor when ``need_dy`` is False)."""
-    cfg = config_from_args(eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad)
+    cfg = config_from_args(
+        eps, rho, max_iter, tol, check_every, sched_start, sched_factor, grad, cg_max_iter, cg_tol
+    )
     out = _unpack(f, g, value, value_linear, n_iters, err, hist_f, hist_g)
     dx, dy = _sample_impl(backend, x.shape[1], y.shape[1])[1](
         x, y, a, b, cost, out, grad_value, grad_value_linear, cfg, need_dy
@@ -337,7 +361,7 @@ def run(
 ) -> SolverOut:
     """Dispatch to the dense op (``C`` given) or the fused sample op (``x``, ``y``, ``cost``)."""
     if C is not None:
-        outs = sinkhorn_op(C, a, b, backend, *config_args(cfg))
+        outs = sinkhorn_op(C, a, b, backend, *op_args(cfg))
     else:
-        outs = sinkhorn_sample_op(x, y, a, b, cost, backend, *config_args(cfg))
+        outs = sinkhorn_sample_op(x, y, a, b, cost, backend, *op_args(cfg))
     return _unpack(*outs)

@@ -53,6 +53,7 @@ def _emu_build() -> object:
     except ImportError:
         pytest.skip("pybind11 is needed for the CUDA-kernel emulator build")
     srcs = sorted(p for p in CSRC.rglob("*") if p.suffix in (".cu", ".cuh", ".h", ".cpp"))
+    srcs += sorted((CSRC.parent / "common").glob("*.h"))  # okc_constants.h
     flags = ["-std=c++17", "-O1", "-shared", "-fPIC", "-DOKC_EMULATE", "-w"]
     digest = hashlib.sha256(" ".join(flags).encode())
     for p in srcs:

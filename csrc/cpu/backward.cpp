@@ -259,8 +259,8 @@ void Backward<T>::cg_solve(int n, int m, int ld, double kappa, const double* r, 
     for (int z = 0; z < nm; ++z) s += p[z] * q[z];
     return s;
   };
-  const int max_it = A.cg_max_iter > 0 ? A.cg_max_iter : 4 * (n + m) + 50;
-  const double tol = A.cg_tol > 0 ? A.cg_tol : (sizeof(T) == 8 ? 1e-13 : 1e-6);
+  const int max_it = A.cg_max_iter;  // resolved by Python (SolverConfig.cg_limits), >= 1
+  const double tol = A.cg_tol;
   ru = rhs;
   for (int z = 0; z < nm; ++z) zu[z] = ru[z] / du[z];
   pu = zu;
@@ -534,7 +534,7 @@ void Backward<T>::run(int k, bool par, int nt) {
   const T* fin = static_cast<const T*>(A.f) + (int64_t)k * A.n;
   const T* gin = static_cast<const T*>(A.g) + (int64_t)k * A.m;
   const int lv = std::max(ldn, ld) + L;
-  const bool unrolled_mode = A.mode == 2;
+  const bool unrolled_mode = A.mode == kUnrolled;
   const int Tk = unrolled_mode && A.hist_f ? std::min(A.n_iters[k], A.hist_T) : 0;
   T* F = fh.get((size_t)lv * (Tk + 1));
   T* G = gh.get((size_t)lv * (Tk + 1));
@@ -565,13 +565,13 @@ void Backward<T>::run(int k, bool par, int nt) {
   if (!(A.rho > 0)) clamp_plan(Pp, (size_t)n * ld);
   T* Dp = D.get((size_t)n * ld);
 
-  if (A.mode == 0 || (A.mode == 1 && glk == T(0))) {
+  if (A.mode == kEnvelope || (A.mode == kImplicit && glk == T(0))) {
     const T s = gvk + glk;
     pfor(par, nt, n, 16, [&](int r0, int r1) {
       for (int i = r0; i < r1; ++i)
         for (int j = 0; j < m; ++j) Dp[(int64_t)i * ld + j] = s * Pp[(int64_t)i * ld + j];
     });
-  } else if (A.mode == 1) {
+  } else if (A.mode == kImplicit) {
     const bool balanced = !(A.rho > 0);
     const double kappa = balanced ? 1.0 : 1.0 + A.eps / A.rho;
     std::vector<double> uo(n), vo(m);
@@ -608,7 +608,7 @@ void Backward<T>::run(int k, bool par, int nt) {
 template <class T>
 void backward_impl(const BwdArgs& A) {
   const int nt = std::max(1, A.num_threads);
-  run_batch<T>(A, nt, A.mode != 2, [&A]() {
+  run_batch<T>(A, nt, A.mode != kUnrolled, [&A]() {
     return [solver = Backward<T>(A)](int k, bool inner, int threads) mutable {
       solver.run(k, inner, threads);
     };

@@ -1,11 +1,16 @@
-// pybind11 module optical_kernels._cpu: raw data pointers (tensor.data_ptr()), sizes and
-// element strides in, results written into caller-allocated buffers. No torch headers.
+// pybind11 module optical_kernels._cpu_<isa>: one Params struct per call (okc_cpu_params.h; raw
+// data pointers from tensor.data_ptr(), sizes, element strides), results written into
+// caller-allocated buffers. The struct is checked once here (check_params), then converted to
+// the typed FwdArgs / BwdArgs of common.h. No torch headers.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <array>
 #include <stdexcept>
 #include <string>
 
 #include "common.h"
+#include "okc_cpu_params.h"
 
 namespace okc {
 template <class T>
@@ -15,6 +20,7 @@ void backward_impl(const BwdArgs& A);
 }  // namespace okc
 
 namespace py = pybind11;
+using okc::CpuParams;
 
 namespace {
 
@@ -23,68 +29,96 @@ P* ptr(int64_t p) {
   return reinterpret_cast<P*>(static_cast<uintptr_t>(p));
 }
 
-void check_dtype(const std::string& dtype) {
-  if (dtype != "float32" && dtype != "float64")
-    throw std::invalid_argument("dtype must be 'float32' or 'float64', got '" + dtype + "'");
+// Every precondition of the kernels, checked once at the boundary (the kernels assume them).
+void check_params(const CpuParams& p, bool backward) {
+  auto bad = [&](const std::string& s) {
+    throw std::invalid_argument(std::string("optical_kernels._cpu.") +
+                                (backward ? "backward" : "forward") + ": " + s);
+  };
+  if (p.dtype != okc::kF32 && p.dtype != okc::kF64) bad("dtype must be DType.F32 or DType.F64");
+  if (p.B < 0 || p.n < 0 || p.m < 0) bad("negative size");
+  if (!(p.eps > 0)) bad("eps must be > 0");
+  if (p.eps_len < 0 || (p.eps_len > 0 && !p.eps_t)) bad("eps_t must hold eps_len >= 0 entries");
+  if (p.num_threads < 1) bad("num_threads must be >= 1");
+  if (p.par_min < 1) bad("par_min must be >= 1 (backends/cpu.py PAR_MIN)");
+  if ((p.hist_f != 0) != (p.hist_g != 0)) bad("hist_f and hist_g must be given together");
+  if (p.hist_T < 0) bad("hist_T must be >= 0");
+  const bool work = p.B > 0 && p.n > 0 && p.m > 0;
+  if (work && (!p.C || !p.a || !p.b)) bad("null C / a / b pointer");
+  if (work && (!p.f || !p.g || !p.n_iters)) bad("null f / g / n_iters pointer");
+  if (!backward) {
+    if (p.max_iter < 1) bad("max_iter must be >= 1");
+    if (p.check_every < 1) bad("check_every must be >= 1");
+    if (!(p.tol >= 0)) bad("tol must be >= 0");
+    if (work && (!p.value || !p.value_linear || !p.err)) bad("null value / value_linear / err");
+    if (p.hist_f && p.hist_T < p.max_iter) bad("hist_T must be >= max_iter");
+    return;
+  }
+  if (p.mode < okc::kEnvelope || p.mode > okc::kUnrolled) bad("unknown gradient mode");
+  if (p.cg_max_iter < 1) bad("cg_max_iter must be >= 1 (resolved by SolverConfig.cg_limits)");
+  if (!(p.cg_tol > 0)) bad("cg_tol must be > 0 (resolved by SolverConfig.cg_limits)");
+  if (p.direct_max < 0) bad("direct_max must be >= 0 (backends/cpu.py DIRECT_MAX)");
+  if (work && (!p.grad_value || !p.grad_value_linear || !p.dC)) bad("null gradient pointer");
 }
 
-void forward(const std::string& dtype, int B, int n, int m, int64_t C, int64_t sCb, int64_t sCn,
-             int64_t sCm, int64_t a, int64_t sab, int64_t san, int64_t b, int64_t sbb,
-             int64_t sbm, double eps, double rho, int64_t eps_t, int eps_len, int max_iter, double tol,
-             int check_every, int64_t f, int64_t g, int64_t value, int64_t value_linear,
-             int64_t n_iters, int64_t err, int64_t hist_f, int64_t hist_g, int num_threads, double tau,
-             int log_only, int64_t par_min) {
-  check_dtype(dtype);
-  if (B < 0 || n < 0 || m < 0 || max_iter < 1 || check_every < 1 || !(eps > 0))
-    throw std::invalid_argument("_cpu.forward: bad sizes or options");
+void forward(const CpuParams& p) {
+  check_params(p, false);
   okc::FwdArgs A;
-  A.B = B, A.n = n, A.m = m;
-  A.C = ptr<const void>(C), A.sCb = sCb, A.sCn = sCn, A.sCm = sCm;
-  A.a = ptr<const void>(a), A.sab = sab, A.san = san;
-  A.b = ptr<const void>(b), A.sbb = sbb, A.sbm = sbm;
-  A.eps = eps, A.rho = rho, A.eps_t = ptr<const double>(eps_t), A.eps_len = eps_len;
-  A.max_iter = max_iter, A.tol = tol, A.check_every = check_every;
-  A.f = ptr<void>(f), A.g = ptr<void>(g), A.value = ptr<void>(value);
-  A.value_linear = ptr<void>(value_linear), A.n_iters = ptr<int32_t>(n_iters);
-  A.err = ptr<void>(err), A.hist_f = hist_f ? ptr<void>(hist_f) : nullptr;
-  A.hist_g = hist_g ? ptr<void>(hist_g) : nullptr;
-  A.num_threads = num_threads, A.tau = tau, A.log_only = log_only, A.par_min = par_min;
-  if (B == 0) return;
+  A.B = p.B, A.n = p.n, A.m = p.m;
+  A.C = ptr<const void>(p.C), A.sCb = p.sC[0], A.sCn = p.sC[1], A.sCm = p.sC[2];
+  A.a = ptr<const void>(p.a), A.sab = p.sa[0], A.san = p.sa[1];
+  A.b = ptr<const void>(p.b), A.sbb = p.sb[0], A.sbm = p.sb[1];
+  A.eps = p.eps, A.rho = p.rho, A.eps_t = ptr<const double>(p.eps_t), A.eps_len = p.eps_len;
+  A.max_iter = p.max_iter, A.tol = p.tol, A.check_every = p.check_every;
+  A.f = ptr<void>(p.f), A.g = ptr<void>(p.g), A.value = ptr<void>(p.value);
+  A.value_linear = ptr<void>(p.value_linear), A.n_iters = ptr<int32_t>(p.n_iters);
+  A.err = ptr<void>(p.err), A.hist_f = p.hist_f ? ptr<void>(p.hist_f) : nullptr;
+  A.hist_g = p.hist_g ? ptr<void>(p.hist_g) : nullptr;
+  A.num_threads = p.num_threads, A.tau = p.tau, A.log_only = p.log_only, A.par_min = p.par_min;
+  if (p.B == 0 || p.n == 0 || p.m == 0) return;
   py::gil_scoped_release release;
-  if (dtype == "float32")
+  if (p.dtype == okc::kF32)
     okc::forward_impl<float>(A);
   else
     okc::forward_impl<double>(A);
 }
 
-void backward(const std::string& dtype, int mode, int B, int n, int m, int64_t C, int64_t sCb,
-              int64_t sCn, int64_t sCm, int64_t a, int64_t sab, int64_t san, int64_t b,
-              int64_t sbb, int64_t sbm, int64_t f, int64_t g, int64_t n_iters, int64_t hist_f,
-              int64_t hist_g, int hist_T, double eps, double rho, int64_t eps_t, int eps_len, int64_t gv, int64_t gl,
-              int64_t dC, int cg_max_iter, double cg_tol, int direct_max, int num_threads,
-              int64_t par_min, int log_only) {
-  check_dtype(dtype);
-  if (mode < 0 || mode > 2) throw std::invalid_argument("_cpu.backward: mode must be 0, 1 or 2");
-  if (B < 0 || n < 0 || m < 0 || !(eps > 0))
-    throw std::invalid_argument("_cpu.backward: bad sizes or options");
+void backward(const CpuParams& p) {
+  check_params(p, true);
   okc::BwdArgs A;
-  A.B = B, A.n = n, A.m = m;
-  A.C = ptr<const void>(C), A.sCb = sCb, A.sCn = sCn, A.sCm = sCm;
-  A.a = ptr<const void>(a), A.sab = sab, A.san = san;
-  A.b = ptr<const void>(b), A.sbb = sbb, A.sbm = sbm;
-  A.f = ptr<const void>(f), A.g = ptr<const void>(g), A.n_iters = ptr<const int32_t>(n_iters);
-  A.hist_f = hist_f ? ptr<const void>(hist_f) : nullptr;
-  A.hist_g = hist_g ? ptr<const void>(hist_g) : nullptr, A.hist_T = hist_T;
-  A.eps = eps, A.rho = rho, A.eps_t = ptr<const double>(eps_t), A.eps_len = eps_len;
-  A.gv = ptr<const void>(gv), A.gl = ptr<const void>(gl), A.dC = ptr<void>(dC);
-  A.mode = mode, A.cg_max_iter = cg_max_iter, A.cg_tol = cg_tol, A.direct_max = direct_max;
-  A.num_threads = num_threads, A.par_min = par_min, A.log_only = log_only;
-  if (B == 0) return;
+  A.B = p.B, A.n = p.n, A.m = p.m;
+  A.C = ptr<const void>(p.C), A.sCb = p.sC[0], A.sCn = p.sC[1], A.sCm = p.sC[2];
+  A.a = ptr<const void>(p.a), A.sab = p.sa[0], A.san = p.sa[1];
+  A.b = ptr<const void>(p.b), A.sbb = p.sb[0], A.sbm = p.sb[1];
+  A.f = ptr<const void>(p.f), A.g = ptr<const void>(p.g);
+  A.n_iters = ptr<const int32_t>(p.n_iters);
+  A.hist_f = p.hist_f ? ptr<const void>(p.hist_f) : nullptr;
+  A.hist_g = p.hist_g ? ptr<const void>(p.hist_g) : nullptr;
+  A.hist_T = p.hist_f ? p.hist_T : 0;
+  A.eps = p.eps, A.rho = p.rho, A.eps_t = ptr<const double>(p.eps_t), A.eps_len = p.eps_len;
+  A.gv = ptr<const void>(p.grad_value), A.gl = ptr<const void>(p.grad_value_linear);
+  A.dC = ptr<void>(p.dC);
+  A.mode = p.mode, A.cg_max_iter = p.cg_max_iter, A.cg_tol = p.cg_tol;
+  A.direct_max = p.direct_max;
+  A.num_threads = p.num_threads, A.par_min = p.par_min, A.log_only = p.log_only;
+  if (p.B == 0 || p.n == 0 || p.m == 0) return;
   py::gil_scoped_release release;
-  if (dtype == "float32")
+  if (p.dtype == okc::kF32)
     okc::backward_impl<float>(A);
   else
     okc::backward_impl<double>(A);
+}
+
+template <size_t N>
+py::tuple to_tuple(const int64_t (&a)[N]) {
+  py::tuple t(N);
+  for (size_t i = 0; i < N; ++i) t[i] = a[i];
+  return t;
+}
+
+template <size_t N>
+void from_array(int64_t (&dst)[N], const std::array<int64_t, N>& src) {
+  for (size_t i = 0; i < N; ++i) dst[i] = src[i];
 }
 
 std::string build_info() {
@@ -122,26 +156,60 @@ std::string build_info() {
 
 PYBIND11_MODULE(OKC_MODULE, mod) {
   mod.doc() = "optical_kernels fused CPU Sinkhorn kernels (raw pointers; see optical_kernels/backends/cpu.py)";
-  mod.def("forward", &forward,
-          "Batched Sinkhorn forward (scaling form with absorption) into caller buffers.",
-          py::arg("dtype"), py::arg("B"), py::arg("n"), py::arg("m"), py::arg("C"),
-          py::arg("sCb"), py::arg("sCn"), py::arg("sCm"), py::arg("a"), py::arg("sab"),
-          py::arg("san"), py::arg("b"), py::arg("sbb"), py::arg("sbm"), py::arg("eps"),
-          py::arg("rho"), py::arg("eps_t"), py::arg("eps_len"), py::arg("max_iter"), py::arg("tol"),
-          py::arg("check_every"), py::arg("f"), py::arg("g"), py::arg("value"),
-          py::arg("value_linear"), py::arg("n_iters"), py::arg("err"), py::arg("hist_f"), py::arg("hist_g"),
-          py::arg("num_threads"), py::arg("tau") = 0.0, py::arg("log_only") = 0,
-          py::arg("par_min") = 1 << 18);
-  mod.def("backward", &backward, "Batched Sinkhorn backward (dC) into a caller buffer.",
-          py::arg("dtype"), py::arg("mode"), py::arg("B"), py::arg("n"), py::arg("m"),
-          py::arg("C"), py::arg("sCb"), py::arg("sCn"), py::arg("sCm"), py::arg("a"),
-          py::arg("sab"), py::arg("san"), py::arg("b"), py::arg("sbb"), py::arg("sbm"),
-          py::arg("f"), py::arg("g"), py::arg("n_iters"), py::arg("hist_f"), py::arg("hist_g"), py::arg("hist_T"),
-          py::arg("eps"), py::arg("rho"), py::arg("eps_t"), py::arg("eps_len"), py::arg("gv"), py::arg("gl"),
-          py::arg("dC"), py::arg("cg_max_iter") = 0, py::arg("cg_tol") = 0.0,
-          py::arg("direct_max") = 384, py::arg("num_threads") = 1,
-          py::arg("par_min") = 1 << 18, py::arg("log_only") = 0);
+  py::class_<CpuParams>(mod, "Params", py::module_local(),
+                        "One call: raw pointers (int), sizes, strides, resolved solver config.")
+      .def(py::init<>())
+      .def_readwrite("B", &CpuParams::B)
+      .def_readwrite("n", &CpuParams::n)
+      .def_readwrite("m", &CpuParams::m)
+      .def_readwrite("dtype", &CpuParams::dtype)
+      .def_readwrite("C", &CpuParams::C)
+      .def_property(
+          "sC", [](const CpuParams& p) { return to_tuple(p.sC); },
+          [](CpuParams& p, std::array<int64_t, 3> s) { from_array(p.sC, s); })
+      .def_readwrite("a", &CpuParams::a)
+      .def_property(
+          "sa", [](const CpuParams& p) { return to_tuple(p.sa); },
+          [](CpuParams& p, std::array<int64_t, 2> s) { from_array(p.sa, s); })
+      .def_readwrite("b", &CpuParams::b)
+      .def_property(
+          "sb", [](const CpuParams& p) { return to_tuple(p.sb); },
+          [](CpuParams& p, std::array<int64_t, 2> s) { from_array(p.sb, s); })
+      .def_readwrite("eps", &CpuParams::eps)
+      .def_readwrite("rho", &CpuParams::rho)
+      .def_readwrite("max_iter", &CpuParams::max_iter)
+      .def_readwrite("tol", &CpuParams::tol)
+      .def_readwrite("check_every", &CpuParams::check_every)
+      .def_readwrite("eps_t", &CpuParams::eps_t)
+      .def_readwrite("eps_len", &CpuParams::eps_len)
+      .def_readwrite("cg_max_iter", &CpuParams::cg_max_iter)
+      .def_readwrite("cg_tol", &CpuParams::cg_tol)
+      .def_readwrite("f", &CpuParams::f)
+      .def_readwrite("g", &CpuParams::g)
+      .def_readwrite("value", &CpuParams::value)
+      .def_readwrite("value_linear", &CpuParams::value_linear)
+      .def_readwrite("n_iters", &CpuParams::n_iters)
+      .def_readwrite("err", &CpuParams::err)
+      .def_readwrite("hist_f", &CpuParams::hist_f)
+      .def_readwrite("hist_g", &CpuParams::hist_g)
+      .def_readwrite("hist_T", &CpuParams::hist_T)
+      .def_readwrite("mode", &CpuParams::mode)
+      .def_readwrite("grad_value", &CpuParams::grad_value)
+      .def_readwrite("grad_value_linear", &CpuParams::grad_value_linear)
+      .def_readwrite("dC", &CpuParams::dC)
+      .def_readwrite("num_threads", &CpuParams::num_threads)
+      .def_readwrite("tau", &CpuParams::tau)
+      .def_readwrite("log_only", &CpuParams::log_only)
+      .def_readwrite("par_min", &CpuParams::par_min)
+      .def_readwrite("direct_max", &CpuParams::direct_max);
+  mod.def("forward", &forward, py::arg("params"),
+          "Batched Sinkhorn forward (scaling form with absorption) into the caller's buffers.");
+  mod.def("backward", &backward, py::arg("params"),
+          "Batched Sinkhorn backward (dC) into the caller's buffer.");
   mod.def("build_info", &build_info, "Compiler options the module was built with.");
   mod.attr("ISA") = OKC_ISA;
   mod.attr("SIMD_BYTES") = okc::kVecBytes;
+  py::dict constants;  // csrc/common/okc_constants.h, checked against optical_kernels.constants
+  okc::okc_for_each_constant([&](const char* name, int v) { constants[name] = v; });
+  mod.attr("CONSTANTS") = constants;
 }

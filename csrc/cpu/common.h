@@ -10,6 +10,7 @@
 #include <limits>
 #include <vector>
 
+#include "../common/okc_constants.h"
 #include "simd.h"
 
 #ifdef _OPENMP
@@ -74,7 +75,7 @@ struct FwdArgs {
   int num_threads = 1;
   double tau = 0.0;                // absorption threshold on |log u|; 0: dtype default
   int log_only = 0;                // 1: plain log-domain iterations (no scaling form)
-  int64_t par_min = 1 << 18;       // problems with n·m >= this run with inner parallelism
+  int64_t par_min = 0;             // problems with n·m >= this run with inner parallelism
 };
 
 // Arguments of the backward pass.
@@ -98,13 +99,13 @@ struct BwdArgs {
   const void* gv = nullptr;        // [B] grad of value
   const void* gl = nullptr;        // [B] grad of value_linear
   void* dC = nullptr;              // [B, n, m] contiguous, zero-filled by the caller
-  int mode = 0;                    // 0 envelope, 1 implicit, 2 unrolled
-  int cg_max_iter = 0;
-  double cg_tol = 0.0;
-  int direct_max = 384;            // implicit: dense Schur solve when min(n, m) <= this, else CG
+  int mode = kEnvelope;            // GradMode (csrc/common/okc_constants.h)
+  int cg_max_iter = 0;             // CG cap, resolved by Python (SolverConfig.cg_limits)
+  double cg_tol = 0.0;             // CG relative residual, resolved likewise
+  int direct_max = 0;              // implicit: dense Schur solve when min(n, m) <= this, else CG
   int log_only = 0;                // unrolled: 1 = log-domain reverse pass (no scaling form)
   int num_threads = 1;
-  int64_t par_min = 1 << 18;
+  int64_t par_min = 0;             // FwdArgs / BwdArgs are filled from CpuParams (bindings.cpp)
 };
 
 // 64-byte aligned growable buffer.

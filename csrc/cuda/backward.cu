@@ -113,9 +113,9 @@ OKC_DEV void implicit_grad(const Params& p, T* W, int wp, const T* tile, int pit
         bb += ri * ri;
     }
     block_sum2(rz, bb, V.scal);
-    // defaults as the reference: 4 (n + m) + 50 steps, relative residual 1e-13 / 1e-6
-    const int maxit = p.cg_max_iter > 0 ? p.cg_max_iter : 4 * (p.n + p.m) + 50;
-    const double tol = p.cg_tol > 0 ? p.cg_tol : (sizeof(T) == 8 ? 1e-13 : 1e-6);
+    // cap and relative residual resolved by the host (SolverConfig.cg_limits; checked >= 1, > 0)
+    const int maxit = p.cg_max_iter;
+    const double tol = p.cg_tol;
     const T stop = (T)(tol * tol) * bb;
     if (bb > 0 && rz > 0) {
         for (int it = 0; it < maxit; ++it) {
@@ -439,7 +439,7 @@ OKC_GLOBAL_KERNEL backward_kernel(Params p, Plan pl) {
     const int n = p.n, m = p.m;
     char* sm = okc_dyn_smem();
     const Vecs<T> V = carve_vecs<T>(sm, pl, true);
-    const bool sample = p.cost != kMatrix;
+    const bool sample = p.cost != kGiven;
     const T* A = reinterpret_cast<const T*>(p.a) + (int64_t)k * n;
     const T* Bw = reinterpret_cast<const T*>(p.b) + (int64_t)k * m;
     T* Gout = sample ? nullptr : reinterpret_cast<T*>(p.G) + (int64_t)k * n * m;
@@ -546,7 +546,7 @@ OKC_GLOBAL_KERNEL backward_kernel(Params p, Plan pl) {
 
 static ResidentKernel pick_backward(const Params& p) {
     if (p.dtype == kF64) return backward_kernel<double, double>;
-    if (p.cost == kMatrix) return backward_kernel<float, float>;
+    if (p.cost == kGiven) return backward_kernel<float, float>;
     switch (p.in_dtype) {
         case kF32:
             return backward_kernel<float, float>;

@@ -122,26 +122,29 @@ void check_common(const Params& p, bool backward) {
             std::to_string(p.n) + ", m=" + std::to_string(p.m) + ")");
     if (p.dtype != okc::kF32 && p.dtype != okc::kF64) bad("dtype must be float32 or float64");
     if (p.in_dtype < okc::kF32 || p.in_dtype > okc::kBF16) bad("unknown input dtype");
-    if (p.cost < okc::kMatrix || p.cost > okc::kDot) bad("unknown cost");
-    if (p.cost == okc::kMatrix && p.in_dtype != p.dtype) bad("C must have the compute dtype");
+    if (p.cost < okc::kGiven || p.cost > okc::kDot) bad("unknown cost");
+    if (p.cost == okc::kGiven && p.in_dtype != p.dtype) bad("C must have the compute dtype");
     if (p.dtype == okc::kF64 && p.in_dtype != okc::kF64) bad("float64 solve needs float64 inputs");
     if (!(p.eps > 0)) bad("eps must be > 0");
     if (p.max_iter < 1) bad("max_iter must be >= 1");
     if (p.check_every < 1) bad("check_every must be >= 1");
     if (!(p.tol >= 0)) bad("tol must be >= 0");
+    if (p.has_sched && p.sched_t_eps < 1) bad("sched_t_eps must be >= 1");
     if (p.B == 0) return;
     if (!p.a || !p.b) bad("null weight pointer");
-    if (p.cost == okc::kMatrix && !p.C && p.n > 0 && p.m > 0) bad("null C pointer");
-    if (p.cost != okc::kMatrix && (!p.x || !p.y) && p.n > 0 && p.m > 0) bad("null x / y pointer");
-    if (p.cost != okc::kMatrix && p.d < 1) bad("d must be >= 1");
+    if (p.cost == okc::kGiven && !p.C && p.n > 0 && p.m > 0) bad("null C pointer");
+    if (p.cost != okc::kGiven && (!p.x || !p.y) && p.n > 0 && p.m > 0) bad("null x / y pointer");
+    if (p.cost != okc::kGiven && p.d < 1) bad("d must be >= 1");
     if (!p.f || !p.g || !p.n_iters) bad("null f / g / n_iters pointer");
     if (!backward && (!p.value || !p.value_linear || !p.err)) bad("null output pointer");
     if (backward) {
         if (p.mode < okc::kEnvelope || p.mode > okc::kUnrolled) bad("unknown gradient mode");
+        if (p.mode == okc::kImplicit && (p.cg_max_iter < 1 || !(p.cg_tol > 0)))
+            bad("implicit mode needs cg_max_iter >= 1 and cg_tol > 0 (SolverConfig.cg_limits)");
         if (!p.grad_value || !p.grad_value_linear) bad("null incoming gradient pointer");
         if ((p.hist_f != 0) != (p.hist_g != 0)) bad("hist_f and hist_g must be given together");
-        if (p.cost == okc::kMatrix && !p.G) bad("null G pointer");
-        if (p.cost != okc::kMatrix && (!p.dx || (p.need_dy && !p.dy))) bad("null dx / dy pointer");
+        if (p.cost == okc::kGiven && !p.G) bad("null G pointer");
+        if (p.cost != okc::kGiven && (!p.dx || (p.need_dy && !p.dy))) bad("null dx / dy pointer");
     }
 }
 
@@ -208,6 +211,9 @@ PYBIND11_MODULE(OKC_MODULE_NAME, m) {
     m.attr("EMULATED") = false;
 #endif
     m.attr("MAX_SIZE") = okc::kMaxSize;
+    py::dict constants;  // csrc/common/okc_constants.h, checked against optical_kernels.constants
+    okc::okc_for_each_constant([&](const char* name, int v) { constants[name] = v; });
+    m.attr("CONSTANTS") = constants;
 
     py::class_<Params>(m, "Params", py::module_local(),
                        "Launch description: raw pointers (int), sizes, strides, config.")
@@ -241,6 +247,7 @@ PYBIND11_MODULE(OKC_MODULE_NAME, m) {
         .def_readwrite("has_sched", &Params::has_sched)
         .def_readwrite("sched_start", &Params::sched_start)
         .def_readwrite("sched_factor", &Params::sched_factor)
+        .def_readwrite("sched_t_eps", &Params::sched_t_eps)
         .def_readwrite("f", &Params::f)
         .def_readwrite("g", &Params::g)
         .def_readwrite("value", &Params::value)

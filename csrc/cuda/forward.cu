@@ -99,7 +99,7 @@ Plan make_plan(const Params& p, bool backward, int64_t smem_limit) {
     pl.MP = round_up(std::max(p.m, 1), 16);
     pl.pitch = pl.MP + 4;
     const int ts = p.dtype == kF64 ? 8 : 4;
-    const bool sample = p.cost != kMatrix;
+    const bool sample = p.cost != kGiven;
     const bool in16 = p.in_dtype == kF16 || p.in_dtype == kBF16;
     pl.mma = (p.use_mma && p.dtype == kF32 && sample) ? 1 : 0;
     if (backward && p.use_mma && p.dtype == kF32 && sample) pl.mma = 1;
@@ -142,7 +142,7 @@ Plan make_plan(const Params& p, bool backward, int64_t smem_limit) {
 
 static ResidentKernel pick_forward(const Params& p) {
     if (p.dtype == kF64) return forward_kernel<double, double>;
-    if (p.cost == kMatrix) return forward_kernel<float, float>;
+    if (p.cost == kGiven) return forward_kernel<float, float>;
     switch (p.in_dtype) {
         case kF32:
             return forward_kernel<float, float>;

@@ -390,9 +390,10 @@ OKC_DEV ProblemInfo<T> load_weights(const T* a, const T* b, int n, int m, int NP
     return P;
 }
 
-// eps at iteration t (1-based), double precision as in SolverConfig.eps_at.
+// eps at iteration t (1-based), double precision as in SolverConfig.eps_at: eps from the
+// host-resolved t_eps on (SolverConfig.schedule), so device pow rounding cannot delay it.
 OKC_HD double eps_at(const Params& p, int t) {
-    if (!p.has_sched) return p.eps;
+    if (!p.has_sched || t >= p.sched_t_eps) return p.eps;
     double e = p.sched_start * pow(p.sched_factor, (double)(t - 1));
     return e > p.eps ? e : p.eps;
 }

@@ -5,21 +5,19 @@
 
 #include <cstdint>
 
+#include "../common/okc_constants.h"  // Cost, GradMode, DType codes (one source)
+
 namespace okc {
 
-enum DType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
-enum Cost : int { kMatrix = 0, kCosine = 1, kSqEuclidean = 2, kDot = 3 };
-enum GradMode : int { kEnvelope = 0, kImplicit = 1, kUnrolled = 2 };
-
 // Hard size limit of the resident kernels (one block per problem, rows held by warps).
-constexpr int kMaxSize = 256;
+constexpr int kMaxSize = kCudaMaxSize;
 
 struct Params {
     // ---- problem -----------------------------------------------------------------------
     int B = 0, n = 0, m = 0, d = 0;
     int dtype = kF32;     // compute dtype of a, b and of every output: kF32 or kF64
     int in_dtype = kF32;  // element dtype of C (== dtype) or of x, y (any)
-    int cost = kMatrix;   // kMatrix: C given; else fused cost from x, y
+    int cost = kGiven;    // kGiven: C given; else fused cost from x, y
 
     // ---- inputs ------------------------------------------------------------------------
     int64_t C = 0;  // [B, n, m], strides sC
@@ -38,6 +36,7 @@ struct Params {
     int check_every = 10;
     int has_sched = 0;
     double sched_start = 0.0, sched_factor = 1.0;
+    int sched_t_eps = 1;  // ε_t = eps for t >= this (SolverConfig.schedule.t_eps)
 
     // ---- forward outputs (contiguous) / backward inputs --------------------------------
     int64_t f = 0, g = 0;                 // [B, n], [B, m]
@@ -50,8 +49,8 @@ struct Params {
     // ---- backward ----------------------------------------------------------------------
     int mode = kEnvelope;
     int64_t grad_value = 0, grad_value_linear = 0;  // [B], dtype
-    int cg_max_iter = 0;                            // 0: 2 (n_k + m_k) + 10
-    double cg_tol = 0.0;                            // 0: dtype default
+    int cg_max_iter = 0;                            // >= 1, SolverConfig.cg_limits
+    double cg_tol = 0.0;                            // > 0, SolverConfig.cg_limits
     int64_t G = 0;                                  // [B, n, m] output (matrix backward)
     int64_t dx = 0, dy = 0;                         // [B, n, d], [B, m, d] outputs (dtype)
     int need_dy = 0;

@@ -52,7 +52,7 @@ OKC_DEV T* build_cost_tile(const Params& p, const Plan& pl, int k, char* sm, cha
     T* tile = pl.c_smem ? reinterpret_cast<T*>(sm + pl.off_c)
                         : reinterpret_cast<T*>(reinterpret_cast<char*>(p.workspace) +
                                                (int64_t)k * pl.ws_stride + pl.ws_off_c);
-    if (p.cost == kMatrix) {
+    if (p.cost == kGiven) {
         const T* C = reinterpret_cast<const T*>(p.C) + (int64_t)k * p.sC[0];
         for (int idx = OKC_TID; idx < n_eff * m_eff; idx += NT) {
             const int i = idx / m_eff, j = idx - (idx / m_eff) * m_eff;

@@ -47,6 +47,7 @@ import os
 import torch
 
 from ..config import SolverConfig, SolverOut
+from ..constants import DType, grad_code
 from . import contract
 
 #: ISA variants of the compiled module, best first (setup.py builds ``_cpu_<isa>`` for each).
@@ -162,7 +163,6 @@ DIRECT_MAX = 384
 #: ``True``: plain log-domain iterations and reverse pass (2·n·m exponentials per iteration)
 #: instead of the stabilised scaling form; same results to rounding. For measurement/testing.
 LOG_DOMAIN = False
-_MODES = {"envelope": 0, "implicit": 1, "unrolled": 2}
 
 
 def is_available() -> tuple[bool, str]:
@@ -206,27 +206,34 @@ def _check(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Ten
 
 
 @functools.lru_cache(maxsize=64)
-def _eps_cached(eps: float, schedule: tuple[float, float] | None, T: int) -> torch.Tensor:
-    cfg = SolverConfig(eps=eps, eps_schedule=schedule)
-    table: list[float] = []
-    if schedule is not None:
-        for t in range(1, T + 1):
-            table.append(cfg.eps_at(t))
-            if table[-1] == eps:  # ε_t is non-increasing: eps from here on
-                break
+def _eps_cached(table: tuple[float, ...]) -> torch.Tensor:
     return torch.tensor(table, dtype=torch.float64)
 
 
 def _eps_schedule(cfg: SolverConfig, T: int) -> torch.Tensor:
-    """ε_t for t = 1..L, float64 (exactly ``cfg.eps_at``; cached, read-only), where L ≤ T is
-    the first iteration at which ε_t reaches ``eps``; the C++ side uses ``eps`` for t > L.
-    Constant ε gives an empty table (issue 9: a ``max_iter`` table took seconds and memory
-    for ``max_iter=10**7``)."""
-    return _eps_cached(float(cfg.eps), cfg.eps_schedule, max(T, 1))
+    """ε_t for t = 1..L, float64 (``cfg.schedule.table``, resolved once by the config; cached,
+    read-only), L ≤ T the first iteration at which ε_t reaches ``eps``; the C++ side uses
+    ``eps`` for t > L. Constant ε gives an empty table (issue 9: a ``max_iter`` table took
+    seconds and memory for ``max_iter=10**7``)."""
+    return _eps_cached(cfg.schedule.table)[: max(T, 1)]
 
 
-def _rho(cfg: SolverConfig) -> float:
-    return -1.0 if cfg.rho is None else float(cfg.rho)
+def _params(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig) -> object:
+    """The :class:`_cpu.Params` of one call: sizes, input pointers and the resolved
+    configuration (``eps_t``: :func:`_eps_schedule`). Returns ``(params, keep-alive)``."""
+    p = _cpu.Params()  # type: ignore[union-attr]
+    p.B, p.n, p.m = C.shape
+    p.dtype = int(DType.F32 if C.dtype == torch.float32 else DType.F64)
+    p.C, p.sC = C.data_ptr(), tuple(C.stride())
+    p.a, p.sa = a.data_ptr(), tuple(a.stride())
+    p.b, p.sb = b.data_ptr(), tuple(b.stride())
+    p.eps, p.rho = float(cfg.eps), -1.0 if cfg.rho is None else float(cfg.rho)
+    p.max_iter, p.tol, p.check_every = int(cfg.max_iter), float(cfg.tol), int(cfg.check_every)
+    eps_t = _eps_schedule(cfg, cfg.max_iter)
+    p.eps_t, p.eps_len = eps_t.data_ptr(), eps_t.numel()
+    p.num_threads, p.log_only, p.par_min = torch.get_num_threads(), int(LOG_DOMAIN), PAR_MIN
+    p.direct_max = DIRECT_MAX
+    return p, eps_t
 
 
 def forward(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig) -> SolverOut:
@@ -247,22 +254,14 @@ def forward(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig
     unrolled = out.history is not None
     hist_f, hist_g = out.history if unrolled else (None, None)
     T = cfg.max_iter
-    eps_t = _eps_schedule(cfg, T)
     if B > 0 and n > 0 and m > 0:
-        _cpu.forward(
-            "float32" if dt == torch.float32 else "float64",
-            B, n, m,
-            C.data_ptr(), *C.stride(),
-            a.data_ptr(), *a.stride(),
-            b.data_ptr(), *b.stride(),
-            float(cfg.eps), _rho(cfg), eps_t.data_ptr(), eps_t.numel(), int(cfg.max_iter),
-            float(cfg.tol),
-            int(cfg.check_every),
-            f.data_ptr(), g.data_ptr(), value.data_ptr(), value_linear.data_ptr(),
-            n_iters.data_ptr(), err.data_ptr(),
-            hist_f.data_ptr() if unrolled else 0, hist_g.data_ptr() if unrolled else 0,
-            torch.get_num_threads(), 0.0, int(LOG_DOMAIN), PAR_MIN,
-        )  # fmt: skip
+        p, keep = _params(C, a, b, cfg)
+        p.f, p.g, p.value, p.value_linear = (t.data_ptr() for t in (f, g, value, value_linear))
+        p.n_iters, p.err = n_iters.data_ptr(), err.data_ptr()
+        if unrolled:
+            p.hist_f, p.hist_g, p.hist_T = hist_f.data_ptr(), hist_g.data_ptr(), T
+        _cpu.forward(p)
+        del keep
     return out
 
 
@@ -282,9 +281,12 @@ def backward(
     with the same right-hand side and ``∂L/∂C_ij = P_ij (1 + (u_i + v_j − C_ij)/ε)``.
     ``unrolled`` needs ``out.history`` from :func:`forward` with ``grad="unrolled"``; without
     it only the direct partials at the final potentials are returned (as the reference).
+    The CG cap and tolerance (used when ``min(n, m) > DIRECT_MAX``) are
+    ``cfg.cg_limits(n, m, dtype)``.
     """
     _require()
     contract.check_grad(cfg)
+    mode = grad_code(cfg.grad)
     C, a, b = _check(C, a, b)
     B, n, m = C.shape
     dt = C.dtype
@@ -295,20 +297,14 @@ def backward(
     dC = torch.zeros(B, n, m, dtype=dt)
     hist = contract.history(out, cfg, B, n, m, dt)
     hist_f, hist_g = hist if hist is not None else (None, None)
-    T = int(hist_f.shape[0]) if hist_f is not None else 0
-    eps_t = _eps_schedule(cfg, T)
     if B > 0 and n > 0 and m > 0:
-        _cpu.backward(
-            "float32" if dt == torch.float32 else "float64",
-            _MODES[cfg.grad], B, n, m,
-            C.data_ptr(), *C.stride(),
-            a.data_ptr(), *a.stride(),
-            b.data_ptr(), *b.stride(),
-            f.data_ptr(), g.data_ptr(), n_iters.data_ptr(),
-            hist_f.data_ptr() if T else 0, hist_g.data_ptr() if T else 0, T,
-            float(cfg.eps), _rho(cfg), eps_t.data_ptr(), eps_t.numel(),
-            gv.data_ptr(), gl.data_ptr(), dC.data_ptr(),
-            int(cfg.cg_max_iter), float(cfg.cg_tol), DIRECT_MAX, torch.get_num_threads(),
-            PAR_MIN, int(LOG_DOMAIN),
-        )  # fmt: skip
+        p, keep = _params(C, a, b, cfg)
+        p.mode = mode
+        p.f, p.g, p.n_iters = f.data_ptr(), g.data_ptr(), n_iters.data_ptr()
+        if hist_f is not None and hist_f.shape[0] > 0:
+            p.hist_f, p.hist_g, p.hist_T = hist_f.data_ptr(), hist_g.data_ptr(), hist_f.shape[0]
+        p.grad_value, p.grad_value_linear, p.dC = gv.data_ptr(), gl.data_ptr(), dC.data_ptr()
+        p.cg_max_iter, p.cg_tol = cfg.cg_limits(n, m, dt)
+        _cpu.backward(p)
+        del keep
     return dC

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ..config import SolverConfig, SolverOut
+from ..constants import CUDA_MAX_SIZE, TORCH_DTYPES, Cost, cost_code, grad_code
 from . import contract
 
 try:  # the compiled extension is optional (built by setup.py only where nvcc exists)
@@ -51,10 +52,8 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     _IMPORT_ERROR = str(exc)
 
 #: Largest n and m the resident kernels accept.
-MAX_SIZE = 256
-_MODES = {"envelope": 0, "implicit": 1, "unrolled": 2}
-_COSTS = {"cosine": 1, "sqeuclidean": 2, "dot": 3}
-_DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+MAX_SIZE = CUDA_MAX_SIZE
+_DTYPES = {dt: int(code) for dt, code in TORCH_DTYPES.items()}
 
 # Module that launches the kernels: optical_kernels._cuda, or (tests only) the CPU emulator
 # build optical_kernels._cuda_emu installed by _use_module(), which takes host pointers.
@@ -141,6 +140,7 @@ def _params(B: int, n: int, m: int, dt: torch.dtype, like: Tensor, cfg: SolverCo
     if cfg.eps_schedule is not None:
         p.has_sched = 1
         p.sched_start, p.sched_factor = (float(v) for v in cfg.eps_schedule)
+        p.sched_t_eps = cfg.schedule.t_eps
     p.use_mma = 1 if _use_mma() else 0
     p.stream = _stream(like)
     if like.device.type == "cuda":
@@ -195,7 +195,7 @@ def _new_out(B: int, n: int, m: int, dt: torch.dtype, device: torch.device,
 
 
 def _set_points(p: object, x: Tensor, y: Tensor, cost: str) -> None:
-    p.cost = _COSTS[cost]  # type: ignore[attr-defined]
+    p.cost = cost_code(cost)  # type: ignore[attr-defined]
     p.in_dtype = _DTYPES[x.dtype]  # type: ignore[attr-defined]
     p.d = x.shape[2]  # type: ignore[attr-defined]
     p.x, p.sx = x.data_ptr(), tuple(x.stride())  # type: ignore[attr-defined]
@@ -204,7 +204,7 @@ def _set_points(p: object, x: Tensor, y: Tensor, cost: str) -> None:
 
 def _set_matrix(p: object, C: Tensor) -> None:
     p.in_dtype = p.dtype  # type: ignore[attr-defined]
-    p.cost = 0  # type: ignore[attr-defined]
+    p.cost = int(Cost.GIVEN)  # type: ignore[attr-defined]
     p.C, p.sC = C.data_ptr(), tuple(C.stride())  # type: ignore[attr-defined]
 
 
@@ -219,12 +219,12 @@ def _backward_inputs(
     f = out.f.detach().to(dt).contiguous()
     g = out.g.detach().to(dt).contiguous()
     n_iters = out.n_iters.detach().to(torch.int32).contiguous()
-    p.mode = _MODES[cfg.grad]  # type: ignore[attr-defined]
+    p.mode = grad_code(cfg.grad)  # type: ignore[attr-defined]
     p.f, p.g, p.n_iters = f.data_ptr(), g.data_ptr(), n_iters.data_ptr()  # type: ignore[attr-defined]
     if hist is not None and hist[0].numel() > 0 and hist[1].numel() > 0:
         p.hist_f, p.hist_g, p.hist_T = hist[0].data_ptr(), hist[1].data_ptr(), hist[0].shape[0]  # type: ignore[attr-defined]
     p.grad_value, p.grad_value_linear = gv.data_ptr(), gl.data_ptr()  # type: ignore[attr-defined]
-    p.cg_max_iter, p.cg_tol = int(cfg.cg_max_iter), float(cfg.cg_tol)  # type: ignore[attr-defined]
+    p.cg_max_iter, p.cg_tol = cfg.cg_limits(n, m, dt)  # type: ignore[attr-defined]
     return (f, g, n_iters, gv, gl) + (hist or ())
 
 

@@ -309,8 +309,7 @@ def _implicit(cost: _Cost, ranges: list[tuple[int, int]], a: torch.Tensor, b: to
             ) -> torch.Tensor:
         return (x1 * x2).sum(1) + (y1 * y2).sum(1)
 
-    max_iter = cfg.cg_max_iter or 4 * (n + m) + 50
-    tol = cfg.cg_tol or (1e-13 if a.dtype == torch.float64 else 1e-6)
+    max_iter, tol = cfg.cg_limits(n, m, a.dtype, streamed=True)  # each CG step streams P
     u, v = torch.zeros_like(rhs_u), torch.zeros_like(rhs_v)
     ru, rv = rhs_u.clone(), rhs_v.clone()
     zu, zv = ru / du, rv / dv

@@ -194,7 +194,7 @@ def forward(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig
         if keep_history:
             hist_f.append(f)
             hist_g.append(g)
-        if cfg.tol > 0 and t % cfg.check_every == 0 and eps_t == cfg.eps:
+        if cfg.checks_at(t):
             err = marginal_error(C, a, b, f, g, cfg.eps, cfg.rho)
             active = active & (err >= cfg.tol)
             if t % (4 * cfg.check_every) == 0 and not bool(active.any()):
@@ -259,9 +259,7 @@ def implicit_linear_grad(
     def dot(x1: torch.Tensor, y1: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
         return (x1 * x2).sum(1) + (y1 * y2).sum(1)
 
-    n, m = C.shape[1:]
-    max_iter = cfg.cg_max_iter or 4 * (n + m) + 50
-    tol = cfg.cg_tol or (1e-13 if C.dtype == torch.float64 else 1e-6)
+    max_iter, tol = cfg.cg_limits(C.shape[1], C.shape[2], C.dtype)
     u, v = torch.zeros_like(rhs_u), torch.zeros_like(rhs_v)
     ru, rv = rhs_u.clone(), rhs_v.clone()
     zu, zv = ru / du, rv / dv

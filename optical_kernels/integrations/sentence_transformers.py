@@ -139,7 +139,8 @@ class OPTICALLoss(_TeacherLoss):
     Args:
         model: the student ``SentenceTransformer``.
         teacher: the teacher ``SentenceTransformer`` (frozen; may use another tokenizer).
-        cost, eps, objective, grad, rho, max_iter, tol, check_every, eps_schedule, backend:
+        cost, eps, objective, grad, rho, max_iter, tol, check_every, eps_schedule, backend,
+        cg_max_iter, cg_tol:
             passed unchanged to :func:`optical_kernels.sinkhorn_loss` (every OT option).
         kd_weight: weight of the sentence-level MSE term (0: pure OT).
 
@@ -161,6 +162,8 @@ class OPTICALLoss(_TeacherLoss):
         check_every: int = 10,
         eps_schedule: tuple[float, float] | None = None,
         backend: str = "auto",
+        cg_max_iter: int | None = None,
+        cg_tol: float | None = None,
         kd_weight: float = 0.0,
     ):
         super().__init__(model, teacher)
@@ -176,7 +179,7 @@ class OPTICALLoss(_TeacherLoss):
             "cost": cost, "eps": eps, "objective": objective, "grad": grad, "rho": rho,
             "max_iter": max_iter, "tol": tol, "check_every": check_every,
             "eps_schedule": tuple(eps_schedule) if eps_schedule is not None else None,
-            "backend": backend,
+            "backend": backend, "cg_max_iter": cg_max_iter, "cg_tol": cg_tol,
         }
         self.kd_weight = float(kd_weight)
 

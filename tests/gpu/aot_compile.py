@@ -35,6 +35,7 @@ from triton.compiler import ASTSource  # noqa: E402
 import optical_kernels.backends.triton  # noqa: E402,F401  (registers the submodules)
 from optical_kernels.backends.triton import launch  # noqa: E402
 from optical_kernels.backends.triton import resident as RES  # noqa: E402
+from optical_kernels.constants import cost_code, grad_code  # noqa: E402
 
 # the package attribute `backward` is the contract function; the module lives in sys.modules
 BW = sys.modules["optical_kernels.backends.triton.backward"]
@@ -87,14 +88,14 @@ def compile_variant(kind: str, cost: str, dtype: torch.dtype, n: int, form: str 
     for p in ("a_ptr", "b_ptr", "f_ptr", "g_ptr", "val_ptr", "vlin_ptr", "err_ptr", "hf_ptr",
               "hg_ptr", "gv_ptr", "gl_ptr", "G_ptr"):
         ptrs[p] = "*" + a_dt
-    common = dict(COST=RES.COST_IDS[cost], BALANCED=balanced, ACC=RES._TL[acc], BN=ls.BN,
+    common = dict(COST=cost_code(cost), BALANCED=balanced, ACC=RES._TL[acc], BN=ls.BN,
                   BM=ls.BM, BD=ls.BD, PREC=ls.prec, UPCAST=False)
     if kind == "forward":
         kernel = RES.resident_forward_kernel
         consts = dict(common, SCALING=form == "scaling", STORE_HIST=hist, CHECK=True)
     else:
         kernel = BW.resident_backward_kernel
-        consts = dict(common, MODE=BW.MODES[mode], NEED_DY=need_dy,
+        consts = dict(common, MODE=grad_code(mode), NEED_DY=need_dy,
                       TINY=torch.finfo(acc).tiny, LOWP=False)
     src = ASTSource(fn=kernel, signature=_signature(kernel, ptrs, consts), constexprs=consts)
     t0 = time.time()

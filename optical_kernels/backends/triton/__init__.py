@@ -30,6 +30,7 @@ from types import ModuleType
 import torch
 
 from ...config import SolverConfig, SolverOut
+from ...constants import POINT_COSTS
 from .. import contract
 
 # The kernel modules are imported here, before ``def backward`` below: importing the submodule
@@ -45,6 +46,7 @@ except Exception as _exc:  # triton missing or broken: reported by is_available(
 
 _SAMPLE_DTYPES = contract.POINT_DTYPES
 _COST_DTYPES = (torch.float32, torch.float64)
+_COSTS = POINT_COSTS
 
 
 def _interpreting() -> bool:
@@ -185,7 +187,7 @@ def backward(
     s0, s1 = _sched(cfg)
     G, _, _ = _bwd.launch_backward(
         C, None, None, a, b, out.f, out.g, out.n_iters, hf, hg, gv, gl, "given", False,
-        cfg.grad, cfg.eps, cfg.rho, cfg.max_iter, s0, s1, cfg.cg_max_iter, cfg.cg_tol,
+        cfg.grad, cfg.eps, cfg.rho, cfg.max_iter, s0, s1, *cfg.cg_limits(n, m, C.dtype),
     )
     return G
 
@@ -236,7 +238,7 @@ def backward_sample(
     s0, s1 = _sched(cfg)
     _, dx, dy = _bwd.launch_backward(
         None, x, y, a, b, out.f, out.g, out.n_iters, hf, hg, gv, gl, cost, bool(need_dy),
-        cfg.grad, cfg.eps, cfg.rho, cfg.max_iter, s0, s1, cfg.cg_max_iter, cfg.cg_tol,
+        cfg.grad, cfg.eps, cfg.rho, cfg.max_iter, s0, s1, *cfg.cg_limits(n, m, x.dtype),
     )
     return dx, (dy if need_dy else None)
 

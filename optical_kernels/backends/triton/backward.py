@@ -2,7 +2,8 @@
 
 One program per problem. It rebuilds the cost tile (given, or fused from x, y exactly as the
 forward did), the plan ``P = a⊗b·exp((f⊕g − C)/ε)`` from the returned potentials, and forms
-``G = gv·∂value/∂C + gl·∂value_linear/∂C`` by the mode of docs/design.md §3 (constexpr ``MODE``):
+``G = gv·∂value/∂C + gl·∂value_linear/∂C`` by the mode of docs/design.md §3 (constexpr ``MODE``,
+the codes of :class:`optical_kernels.constants.GradMode`):
 
 * 0 ``envelope``: ``G = (gv + gl)·P``.
 * 1 ``implicit``: ``G = gv·P + gl·P∘(1 + (u_i + v_j − C_ij)/ε)`` with ``[u; v]`` solving
@@ -10,7 +11,7 @@ forward did), the plan ``P = a⊗b·exp((f⊕g − C)/ε)`` from the returned po
   CG on chip (``r = P1``, ``c = Pᵀ1``, ``κ = 1`` balanced; ``κ = 1 + ε/ρ`` unbalanced, the
   Jacobian of the unbalanced fixed point, where the torch reference raises instead).
   Invalid coordinates are decoupled (identity rows, zero right-hand side), as in the
-  reference; defaults ``cg_max_iter = 4(n+m)+50``, ``cg_tol = 1e-6`` (fp32) / ``1e-13`` (fp64).
+  reference; the CG cap and tolerance arrive resolved (:meth:`SolverConfig.cg_limits`).
 * 2 ``unrolled``: seeds ``∂/∂(C, f_T, g_T)`` of the value formulas, then the reverse pass
   over the stored potentials ``hist_f[t-1], hist_g[t-1]`` (t = n_iters..1), recomputing the
   softmax weights of each half-step (``Q^g`` over i with f_t, ``Q^f`` over j with g_{t-1})::
@@ -32,10 +33,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...config import resolve_cg
+from ...constants import GradMode, cost_code, grad_code
 from . import launch
 from .resident import (
     _TL,
-    COST_IDS,
+    COSINE,
+    GIVEN,
+    SQEUCLIDEAN,
     _cost_tile,
     _eps_at,
     _pair,
@@ -46,7 +51,9 @@ from .resident import (
     split_f64,
 )
 
-MODES = {"envelope": 0, "implicit": 1, "unrolled": 2}
+# the codes of constants.GradMode as the kernel compares them (MODE is a tl.constexpr argument)
+ENVELOPE = tl.constexpr(int(GradMode.ENVELOPE))
+IMPLICIT = tl.constexpr(int(GradMode.IMPLICIT))
 
 
 @triton.jit
@@ -104,9 +111,9 @@ def resident_backward_kernel(
 
     P = tl.exp2(la2[:, None] + lb2[None, :] + (f[:, None] + g[None, :] - C) * k_eps)
 
-    if MODE == 0:
+    if MODE == ENVELOPE:
         G = (gv + gl) * P
-    elif MODE == 1:
+    elif MODE == IMPLICIT:
         if BALANCED:
             kappa = 1.0
         else:
@@ -187,14 +194,14 @@ def resident_backward_kernel(
             t -= 1
     G = tl.where(mask, G, 0.0)
 
-    if COST == 0:
+    if COST == GIVEN:
         gptrs = G_ptr + pid64 * s_Gb + offs_n[:, None] * s_Gn + offs_m[None, :] * s_Gm
         tl.store(gptrs, G.to(G_ptr.dtype.element_ty),
                  mask=(offs_n[:, None] < n) & (offs_m[None, :] < m))
     else:
         rowG = tl.sum(G, axis=1)
         colG = tl.sum(G, axis=0)
-        if COST == 1:
+        if COST == COSINE:
             nx = tl.sqrt(xx)
             ny = tl.sqrt(yy)
             nxc = tl.maximum(nx, 1e-8)
@@ -223,10 +230,10 @@ def resident_backward_kernel(
             else:
                 hx = tl.dot(Gx, yt.to(ACC), input_precision=PREC, out_dtype=ACC)
             xf = xt.to(ACC)
-            if COST == 1:
+            if COST == COSINE:
                 dx = (sx[:, None] * xf / nxc[:, None] - hx) / nxc[:, None]
                 dx = tl.where((nx < 1e-8)[:, None], 0.0, dx)
-            elif COST == 2:
+            elif COST == SQEUCLIDEAN:
                 dx = 2.0 * (rowG[:, None] * xf - hx)
             else:
                 dx = -hx
@@ -240,25 +247,16 @@ def resident_backward_kernel(
                 else:
                     hy = tl.dot(tl.trans(Gy), xf, input_precision=PREC, out_dtype=ACC)
                 yf = yt.to(ACC)
-                if COST == 1:
+                if COST == COSINE:
                     dy = (sy[:, None] * yf / nyc[:, None] - hy) / nyc[:, None]
                     dy = tl.where((ny < 1e-8)[:, None], 0.0, dy)
-                elif COST == 2:
+                elif COST == SQEUCLIDEAN:
                     dy = 2.0 * (colG[:, None] * yf - hy)
                 else:
                     dy = -hy
                 dmy = (offs_m[:, None] < m) & md[None, :]
                 tl.store(dy_ptr + pid64 * s_dyb + offs_m[:, None] * s_dym
                          + offs_d[None, :] * s_dyd, dy.to(dy_ptr.dtype.element_ty), mask=dmy)
-
-
-def cg_defaults(
-    cg_max_iter: int, cg_tol: float, n: int, m: int, acc: torch.dtype
-) -> tuple[int, float]:
-    """Resolve the CG cap and tolerance exactly as the torch reference does (0 = default)."""
-    max_iter = cg_max_iter or 4 * (n + m) + 50
-    tol = cg_tol or (1e-13 if acc == torch.float64 else 1e-6)
-    return int(max_iter), float(tol)
 
 
 def launch_backward(
@@ -297,7 +295,7 @@ def launch_backward(
     hg = hist_g.to(acc).contiguous() if unrolled else g
     ls = launch.resident(n, m, d, in_dtype, kernel="backward")
     t_eps, start, lf = schedule_args(eps, max_iter, sched_start, sched_factor)
-    cgi, cgt = cg_defaults(cg_max_iter, cg_tol, n, m, acc)
+    cgi, cgt = resolve_cg(cg_max_iter or None, cg_tol or None, n, m, acc)  # 0: the defaults
     z3 = (0, 0, 0)
     resident_backward_kernel[(B,)](
         C if C is not None else ref, x if x is not None else ref, y if y is not None else ref,
@@ -313,7 +311,7 @@ def launch_backward(
         *split_f64(eps), *split_f64(rho if rho is not None else 1.0),
         *split_f64(start), *split_f64(lf),
         t_eps, cgi, cgt,
-        COST=COST_IDS[cost], BALANCED=rho is None, MODE=MODES[mode], NEED_DY=bool(need_dy),
+        COST=cost_code(cost), BALANCED=rho is None, MODE=grad_code(mode), NEED_DY=bool(need_dy),
         ACC=_TL[acc], TINY=torch.finfo(acc).tiny, BN=ls.BN, BM=ls.BM, BD=ls.BD, PREC=ls.prec,
         LOWP=launch.lowp_backward() and in_dtype in (torch.float16, torch.bfloat16)
         and not ls.upcast_dot, UPCAST=ls.upcast_dot,

@@ -41,11 +41,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...config import SolverConfig
+from ...constants import Cost, cost_code
 from . import launch
 
 # log2-weight of padded positions: finite (no inf − inf), and exp2(NEG + anything finite) == 0
 NEG = tl.constexpr(-1.0e30)
-COST_IDS = {"given": 0, "cosine": 1, "sqeuclidean": 2, "dot": 3}
+# the codes of constants.Cost as the kernels compare them (COST is a tl.constexpr argument)
+GIVEN = tl.constexpr(int(Cost.GIVEN))
+COSINE = tl.constexpr(int(Cost.COSINE))
+SQEUCLIDEAN = tl.constexpr(int(Cost.SQEUCLIDEAN))
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -88,7 +93,7 @@ def _cost_tile(
     pid64 = pid.to(tl.int64)
     xx = tl.zeros([BN], dtype=ACC)
     yy = tl.zeros([BM], dtype=ACC)
-    if COST == 0:
+    if COST == GIVEN:
         ptrs = C_ptr + pid64 * s_cb + offs_n[:, None] * s_cn + offs_m[None, :] * s_cm
         C = tl.load(ptrs, mask=rn[:, None] & rm[None, :], other=0.0).to(ACC)
     else:
@@ -110,13 +115,13 @@ def _cost_tile(
                 xy = tl.dot(xt, tl.trans(yt), acc=xy, input_precision=PREC, out_dtype=ACC)
             xx += tl.sum(xf * xf, axis=1)
             yy += tl.sum(yf * yf, axis=1)
-        if COST == 1:
+        if COST == COSINE:
             nx = tl.maximum(tl.sqrt(xx), 1e-8)
             ny = tl.maximum(tl.sqrt(yy), 1e-8)
             C = 1.0 - xy / (nx[:, None] * ny[None, :])
             # ‖x‖ < 1e-8: no direction, x̂ = 0 (costs.py)
             C = tl.where((tl.sqrt(xx) < 1e-8)[:, None] | (tl.sqrt(yy) < 1e-8)[None, :], 1.0, C)
-        elif COST == 2:
+        elif COST == SQEUCLIDEAN:
             C = tl.maximum(xx[:, None] + yy[None, :] - 2.0 * xy, 0.0)
         else:
             C = -xy
@@ -318,29 +323,16 @@ def schedule_args(
 ) -> tuple[int, float, float]:
     """``(t_eps, start, log2 factor)``: ε_t = eps for t ≥ t_eps, else start·factor^(t−1).
 
-    ``t_eps`` is the first t with ``max(eps, start·factor^(t−1)) == eps`` exactly as
-    :meth:`SolverConfig.eps_at` computes it (``max_iter + 1`` if never reached).
+    The kernels' encoding of :attr:`SolverConfig.schedule` (resolved there, once:
+    ``t_eps`` is the first t with ``max(eps, start·factor^(t−1)) == eps``, ``max_iter + 1``
+    if never reached).
     """
-    if sched_start is None:
-        return 1, eps, 0.0
-    start = float(sched_start)
-    factor = float(0.5 if sched_factor is None else sched_factor)
-
-    def at(t: int) -> float:
-        return max(eps, start * factor ** (t - 1))
-
-    if at(1) == eps:
-        t_eps = 1
-    elif factor >= 1.0 or factor <= 0.0:
-        t_eps = max_iter + 1 if factor > 0.0 else 2
-    else:
-        guess = 1 + max(0, math.ceil(math.log(eps / start) / math.log(factor)))
-        t_eps = max(1, guess - 2)
-        while t_eps <= max_iter and at(t_eps) != eps:
-            t_eps += 1
-    t_eps = min(t_eps, max_iter + 1)
-    log2_factor = math.log2(factor) if factor > 0.0 else -1.0e4
-    return t_eps, start, log2_factor
+    schedule = None
+    if sched_start is not None:
+        schedule = (float(sched_start), float(0.5 if sched_factor is None else sched_factor))
+    s = SolverConfig(eps=eps, max_iter=max_iter, eps_schedule=schedule).schedule
+    log2_factor = math.log2(s.factor) if s.factor > 0.0 else -1.0e4
+    return s.t_eps, s.start, log2_factor
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -409,7 +401,7 @@ def launch_forward(
         *split_f64(eps), *split_f64(rho if rho is not None else 1.0),
         *split_f64(start), *split_f64(lf), *split_f64(tol), float(launch.ABSORB_LOG2),
         t_eps, max_iter, check_every,
-        COST=COST_IDS[cost], BALANCED=rho is None, SCALING=bool(scaling),
+        COST=cost_code(cost), BALANCED=rho is None, SCALING=bool(scaling),
         STORE_HIST=bool(store_history), CHECK=tol > 0, ACC=_TL[acc],
         BN=ls.BN, BM=ls.BM, BD=ls.BD, PREC=ls.prec, UPCAST=ls.upcast_dot,
         num_warps=ls.num_warps, num_stages=ls.num_stages,

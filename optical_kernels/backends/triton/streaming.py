@@ -20,7 +20,8 @@ Passes (each streams the n×m tile grid once; grid = (⌈rows/block_r⌉, B[, d-
 * forward: 2 per iteration, +1 per convergence check (tol > 0), +2 at the end (value, err);
 * envelope: 1 (dx or dC), +1 for dy;
 * implicit: 2 (P1, (P∘C)1 and transposed) + 2 per CG step (Jacobi PCG, at most
-  ``cfg.cg_max_iter`` or min(4(n+m)+50, ``CG_MAX_DEFAULT``) steps; a host check every
+  ``cfg.cg_limits(n, m, dtype, streamed=True)`` steps: ``cg_max_iter``, by default
+  min(4(n+m)+50, ``config.CG_STREAMED_CAP`` = 1000); a host check every
   ``CG_SYNC_EVERY`` steps ends the loop once every problem is done) + the G pass(es);
 * unrolled: 2 direct (+2 LSE when unbalanced) + per stored iteration 2 (given C, G accumulated
   into dC) or 4 (points; each softmax renormalised in-pass, dy carried along).

@@ -6,7 +6,8 @@ C, or ``dx`` [B, n, d] (and ``dy`` [B, m, d]) through the cost chain rule. Modes
 
 * envelope: 1 pass (dx or dC), +1 for dy;
 * implicit: 2 (P1, (P∘C)1 and transposed) + 2 per CG step (Jacobi PCG, at most
-  ``cfg.cg_max_iter`` or min(4(n+m)+50, ``CG_MAX_DEFAULT``) steps; a host check every
+  ``cfg.cg_limits(n, m, dtype, streamed=True)`` steps: ``cg_max_iter``, by default
+  min(4(n+m)+50, ``config.CG_STREAMED_CAP`` = 1000); a host check every
   ``CG_SYNC_EVERY`` steps ends the loop once every problem is done) + the G pass(es);
 * unrolled: 2 direct (+2 LSE when unbalanced) + per stored iteration 2 (given C, G accumulated
   into dC) or 4 (points; each softmax renormalised in-pass, dy carried along).
@@ -23,7 +24,6 @@ from .. import contract
 from .streaming_passes import LOG2E, Problem
 
 CG_SYNC_EVERY = 10  # implicit backward: host check "all CG problems done" every k steps (0: never)
-CG_MAX_DEFAULT = 1000  # cap of the default CG iteration count 4(n+m)+50 (each step streams P twice)
 
 
 class _Sink:
@@ -122,8 +122,7 @@ def _implicit_uv(prob: Problem, p, q, K, cfg: SolverConfig):
     def dot(x1, y1, x2, y2):
         return (x1 * x2).sum(1) + (y1 * y2).sum(1)
 
-    max_iter = cfg.cg_max_iter or min(4 * (prob.n + prob.m) + 50, CG_MAX_DEFAULT)
-    tol = cfg.cg_tol or (1e-13 if dt == torch.float64 else 1e-6)
+    max_iter, tol = cfg.cg_limits(prob.n, prob.m, dt, streamed=True)
     u, v = torch.zeros_like(rhs_u), torch.zeros_like(rhs_v)
     ru, rv = rhs_u.clone(), rhs_v.clone()
     zu, zv = ru / du, rv / dv

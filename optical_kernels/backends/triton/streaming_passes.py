@@ -18,13 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ...constants import POINT_COSTS, cost_code
 from .. import contract
 from .launch import DEFAULT_TILES, Tiles
 from .streaming_kernels import LN2, _lse_kernel, _plan_kernel
 
 LOG2E = 1.4426950408889634
 NORM_FLOOR = 1e-8
-COST_CODES = {"cosine": 1, "sqeuclidean": 2, "dot": 3}  # 0: a given cost matrix
+COST_CODES = {c: cost_code(c) for c in POINT_COSTS}  # kernel codes (constants.Cost)
 
 
 def _valid_len(w: torch.Tensor) -> torch.Tensor:
