@@ -117,6 +117,27 @@ SKIPS: dict[str, dict[str, str]] = {
 }
 
 
+#: Discrepancies found by the suite and not fixed yet: ``(kind, case key) -> description``.
+#: Such a case is marked ``xfail(strict=True)``: it fails loudly once the bug is fixed (then
+#: delete the entry). Never a place for tolerances or capabilities. Only what was observed is
+#: listed (the real-GPU ``cuda``/``triton`` kinds were not run for this table).
+KNOWN_BUGS: dict[tuple[str, str], str] = {
+    ("cuda-emu", "extreme-dot-divergence-envelope"): (
+        "cuda kernels, float32, dot cost, eps=1e-3 with points of scale 1e3 (C/eps ~ 1e9): "
+        "the self term OT(y, y) of the divergence returns value -inf (the torch/cpu backends "
+        "stay finite; triton returns a finite but absurd -4.6e31, err 5.6e25)"
+    ),
+}
+
+
+def known_bug(bk: Backend, key: str, request: pytest.FixtureRequest) -> None:
+    """Mark the running test ``xfail(strict=True)`` when :data:`KNOWN_BUGS` lists it for
+    ``bk``."""
+    reason = KNOWN_BUGS.get((bk.kind, key))
+    if reason is not None:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"known bug: {reason}"))
+
+
 @dataclass(frozen=True)
 class Backend:
     """A backend under test: the ``backend=`` name, the device of its tensors, its kind (the
