@@ -47,15 +47,22 @@ def _assert_zero(res: dict, what: str) -> None:
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("grad", GRADS)
 def test_fully_masked_batch(backend: Backend, grad: str, objective: str) -> None:
-    """Every problem of the batch fully masked (both sides, or x only): value 0, gradient 0,
-    no NaN."""
+    """Every problem of the batch fully masked (both sides, or x only), points or a given C,
+    float64 or float32: value, value_linear, err, potentials and gradients 0, no NaN."""
     thin(backend, "thirds-grid", (GRADS.index(grad) + OBJECTIVES.index(objective)) % 3 == 0)
+    dtype = torch.float32 if (GRADS.index(grad) + OBJECTIVES.index(objective)) % 2 else F64
     P = make_problem(B=2, n=5, m=4, seed=51)
     P.x_mask[:] = False
     P.y_mask[0] = False  # problem 0: neither side has a point; problem 1: no x point
-    res = solve(backend, P, "cosine", objective, grad, None)
+    res = solve(backend, P, "cosine", objective, grad, None, dtype=dtype)
     _assert_zero(res, f"{backend.name} all masked")
     assert res["empty"].all() and (res["n_iters"] == 0).all() and (res["err"] == 0).all()
+    if objective != "divergence":  # the same batch as a given cost
+        C = random_cost(2, 5, 4, seed=52).to(dtype)
+        r = solve_dense(backend, C, P.a.to(dtype), None, P.x_mask, P.y_mask, objective=objective,
+                        grad=grad, max_iter=20, tol=0.0)  # fmt: skip
+        _assert_zero(r, f"{backend.name} all masked, given C")
+        assert (r["dC"] == 0).all() and r["empty"].all() and (r["n_iters"] == 0).all()
 
 
 @pytest.mark.parametrize("rho", RHOS)
