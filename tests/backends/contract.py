@@ -106,10 +106,6 @@ SKIPS: dict[str, dict[str, str]] = {
         "cuda": "cuda backend: resident kernels only, n, m <= 256 (MAX_SIZE)",
     },
     # budgets (the Triton interpreter runs ~50x slower than the CUDA emulator)
-    "full-grid": {
-        "triton-interp": "Triton interpreter budget: a covering subset runs (every pair of "
-        "factor values occurs); the full grid runs on a GPU",
-    },
     "reduced-grid": {
         "triton-interp": "Triton interpreter budget: every other case of this grid runs (each "
         "factor value still occurs); the full grid runs on a GPU",
