@@ -145,28 +145,6 @@ def test_tiny_eps_gradients_finite(dtype: torch.dtype) -> None:
             assert rel(dC, want) <= (1e-9 if dtype == torch.float64 else 2e-4)
 
 
-def test_empty_and_fully_masked() -> None:
-    C = torch.rand(3, 5, 4)
-    a = torch.zeros(3, 5)
-    b = torch.full((3, 4), 0.25)
-    a[2, :2] = 0.5
-    b[2] = 0.0
-    cfg = SolverConfig(eps=0.1, max_iter=20, tol=0.0, grad="implicit")
-    out = cpu.forward(C, a, b, cfg)
-    for t in (out.f, out.g, out.value, out.value_linear, out.err):
-        assert torch.isfinite(t).all() and (t == 0).all()
-    assert (out.n_iters == 0).all()
-    for grad in ("envelope", "implicit", "unrolled"):
-        cfg = SolverConfig(eps=0.1, max_iter=20, tol=0.0, grad=grad)
-        out = cpu.forward(C, a, b, cfg)
-        dC = cpu.backward(C, a, b, out, torch.ones(3), torch.ones(3), cfg)
-        assert (dC == 0).all()
-    # B = 0 and zero-size problems
-    empty = torch.zeros(0, 3, 3)
-    out = cpu.forward(empty, torch.zeros(0, 3), torch.zeros(0, 3), cfg)
-    assert out.f.shape == (0, 3) and out.value.shape == (0,)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("grad", ["envelope", "implicit", "unrolled"])
 @pytest.mark.parametrize("rho", [None, 0.5])

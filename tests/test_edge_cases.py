@@ -1,6 +1,9 @@
 """Edge cases of the public API on the ``torch`` backend (CPU): empty problems, degenerate
 sizes, unbatched inputs, extreme ε and scales, low precision, unbalanced problems, plan
-marginals, convergence flags, module/functional equivalence, reductions, ``backends()``."""
+marginals, convergence flags, module/functional equivalence, reductions, ``backends()``.
+
+The backend-dependent edge cases run on every backend in tests/backends/test_contract_edges.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Gradient modes of the reference: gradcheck (fp64) and finite differences (docs/design.md §3)."""
+"""Gradient modes of the reference: gradcheck (fp64) and finite differences (docs/design.md §3).
+
+Every other backend's gradients are checked against finite differences of its own value in
+tests/backends/test_contract_grads.py and against these (the oracle's) in
+tests/backends/test_contract_values.py.
+"""
 
 from __future__ import annotations
 

@@ -9,6 +9,10 @@
 * batch independence: a problem's result does not depend on the other problems of its batch,
   including with early stopping (``tol > 0``);
 * the fused-cost code path (``forward_sample``) equals the dense path.
+
+These run on the oracle alone (hypothesis-randomised, tight tolerances); the same properties on
+every backend (deterministic seeds, one tolerance table) are in
+tests/backends/test_contract_properties.py.
 """
 
 from __future__ import annotations
