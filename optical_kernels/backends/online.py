@@ -15,8 +15,9 @@ normaliser of the g-update is ``−g_t/(λε_t)``, the row normaliser of the f-u
 ``−f_t/(λε_t)``). A given cost matrix ``C`` (``forward``/``backward``) is tiled the same way,
 which keeps one code path; there the memory gain is only in the work buffers.
 
-Cost per iteration: one cost tile (a GEMM of d flops per entry, 2·d for the gradient) and
-one ``exp`` per entry and half-step — the price of O(n + m) memory against a dense solver.
+Cost per iteration: per half-step one cost tile (a GEMM of 2·d flops per entry, computed as
+:func:`optical_kernels.costs.cost_matrix` does, so the rounding is the oracle's) and one
+``exp`` per entry — the price of O(n + m) memory against a dense solver.
 The unrolled gradient streams the tiles once per iteration run, the implicit one once per
 CG step. Speed is measured in ``bench/test_large.py``; correctness against the oracle in the
 contract tests (``tests/test_online.py``).
@@ -30,7 +31,9 @@ from collections.abc import Iterator
 import torch
 
 from ..config import SolverConfig, SolverOut
-from ..costs import cost_vjp, normalize
+from ..constants import POINT_COSTS
+from ..costs import _cost_forward, cost_vjp
+from . import contract
 
 NEG_INF = float("-inf")
 #: entries of one cost tile (B·rows·m); 4 M float32 entries = 16 MiB
@@ -52,51 +55,33 @@ def _row_ranges(B: int, n: int, m: int) -> Iterator[tuple[int, int]]:
 class _Cost:
     """The narrow primitive the solver loop is written over: row tiles of ``−C/ε + r_i + c_j``.
 
-    From points every cost is ``C_ij = α_i + β_j − γ·p_i·q_j`` (cosine: p, q the unit vectors,
-    α = 1; sqeuclidean: α = |x|², β = |y|², γ = 2; dot: γ = 1), so a tile of logits is one GEMM
-    with the biases folded into its row and column vectors — no cost tile is kept. A given
-    matrix is sliced instead.
+    From points, the tile of C is computed exactly as :func:`optical_kernels.costs.cost_matrix`
+    computes it (same GEMM and rounding: the potentials stay consistent with the oracle's even
+    where C/ε is ~1e9 and float32 cancellation is large), then scaled and biased in place; no
+    cost tile outlives its use. A given matrix is sliced instead.
     """
 
     def __init__(self, a: torch.Tensor, *, C: torch.Tensor | None = None,
                  points: tuple[torch.Tensor, torch.Tensor, str] | None = None):
-        B, n = a.shape
         self.C = C
-        self.alpha = a.new_zeros(B, n)
         if points is not None:
             x, y, cost = points
-            x, y = x.to(a.dtype), y.to(a.dtype)
-            m = y.shape[1]
-            self.beta = a.new_zeros(B, m)
-            if cost == "cosine":
-                x, y = normalize(x), normalize(y)
-                self.alpha += 1.0
-                self.gamma = 1.0
-            elif cost == "sqeuclidean":
-                self.alpha, self.beta = (x * x).sum(-1), (y * y).sum(-1)
-                self.gamma = 2.0
-            elif cost == "dot":
-                self.gamma = 1.0
-            else:
-                raise ValueError(f"cost must be cosine, sqeuclidean or dot, got {cost!r}")
-            self.p, self.qt = x, y.transpose(1, 2)
+            if cost not in POINT_COSTS:
+                raise ValueError(f"cost must be one of {POINT_COSTS}, got {cost!r}")
+            self.x, self.y, self.cost = x.to(a.dtype), y.to(a.dtype), cost
 
     def logits(self, i0: int, i1: int, eps: float, r: torch.Tensor | None,
                c: torch.Tensor | None) -> torch.Tensor:
         """``−C[:, i0:i1, :]/ε + r[:, i0:i1, None] + c[:, None, :]`` [B, i1−i0, m]
-        (``r``/``c`` ``None``: no bias); from points one GEMM with the column bias as its
-        input and one pass for the row bias."""
+        (``r``/``c`` ``None``: no bias)."""
         if self.C is not None:
             z = self.C[:, i0:i1, :] / -eps
-            if c is not None:
-                z.add_(c[:, None, :])
         else:
-            col = -self.beta / eps if c is None else c - self.beta / eps
-            z = torch.baddbmm(col[:, None, :], self.p[:, i0:i1], self.qt,
-                              alpha=self.gamma / eps)
-            r = -self.alpha / eps if r is None else r - self.alpha / eps
+            z = _cost_forward(self.x[:, i0:i1].contiguous(), self.y, self.cost).div_(-eps)
         if r is not None:
             z.add_(r[:, i0:i1, None])
+        if c is not None:
+            z.add_(c[:, None, :])
         return z
 
 
@@ -136,6 +121,8 @@ def _log_plan_tile(cost: _Cost, w: _Weights, f: torch.Tensor, g: torch.Tensor, e
 def _solve(cost: _Cost, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig) -> SolverOut:
     B, n = a.shape
     m = b.shape[1]
+    if B == 0 or n == 0 or m == 0:
+        return contract.empty_out(B, n, m, a.dtype, a.device, cfg)
     w = _Weights(a, b)
     ranges = list(_row_ranges(B, n, m))
     f, g = a.new_zeros(B, n), a.new_zeros(B, m)
@@ -148,13 +135,15 @@ def _solve(cost: _Cost, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig) -> 
         lam = cfg.damping(eps_t)
         f_new = torch.empty_like(f)
         cb = w.lb + g / eps_t
-        for i0, i1 in ranges:  # f_i = −λε LSE_j[lb_j + (g_j − C_ij)/ε]
-            f_new[:, i0:i1] = _lse(cost.logits(i0, i1, eps_t, None, cb), 2)
-        f_new.mul_(-lam * eps_t)
         col = a.new_full((B, m), NEG_INF)
-        rb = w.la + f_new / eps_t
-        for i0, i1 in ranges:  # g_j = −λε LSE_i[la_i + (f_i − C_ij)/ε], merged over tiles
-            col = torch.logaddexp(col, _lse(cost.logits(i0, i1, eps_t, rb, None), 1))
+        for i0, i1 in ranges:  # one cost tile per row block and iteration, both half-steps
+            base = cost.logits(i0, i1, eps_t, None, None)  # −C/ε_t
+            # f_i = −λε LSE_j[lb_j + (g_j − C_ij)/ε]
+            fr = _lse(base + cb[:, None, :], 2).mul_(-lam * eps_t)
+            f_new[:, i0:i1] = fr
+            # g_j = −λε LSE_i[la_i + (f_i − C_ij)/ε], merged over the row tiles
+            rb = w.la[:, i0:i1] + fr / eps_t
+            col = torch.logaddexp(col, _lse(base.add_(rb[:, :, None]), 1))
         g_new = -lam * eps_t * col
         f = torch.where(active[:, None], f_new, f)
         g = torch.where(active[:, None], g_new, g)
@@ -255,6 +244,8 @@ def _backward(cost: _Cost, a: torch.Tensor, b: torch.Tensor, out: SolverOut,
               gv: torch.Tensor, gvl: torch.Tensor, cfg: SolverConfig, sink: _GradSink) -> None:
     B, n = a.shape
     m = b.shape[1]
+    if B == 0 or n == 0 or m == 0:
+        return  # nothing to differentiate: the sink's zeros
     w = _Weights(a, b)
     ranges = list(_row_ranges(B, n, m))
     if cfg.grad == "envelope":

@@ -1,6 +1,6 @@
 """The ``backend`` fixture of the contract suite (tests/backends/): every backend of the run.
 
-Parametrised over ``torch`` (the oracle), ``cpu``, ``triton`` (under ``TRITON_INTERPRET=1`` on
+Parametrised over ``torch`` (the oracle), ``cpu``, ``online``, ``triton`` (under ``TRITON_INTERPRET=1`` on
 CPU, compiled on a GPU), ``cuda-emu`` (the CUDA kernel sources through the CPU fiber emulator,
 built by ``tests/test_cuda.py::_emu_build``) and ``cuda`` (the real device, ``@pytest.mark.gpu``).
 Unavailable backends are skipped with their reason. The capability table, the tolerance table
@@ -43,6 +43,7 @@ _BACKENDS = [
     pytest.param("triton", id="triton"),
     pytest.param("cuda-emu", id="cuda-emu"),
     pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+    pytest.param("online", id="online"),
 ]
 
 

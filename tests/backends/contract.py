@@ -94,7 +94,7 @@ def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, quantity: s
 # --------------------------------------------------------------------------- capabilities
 #: Backend kinds: ``torch``, ``cpu``, ``triton-interp`` (interpreter on CPU), ``triton`` (GPU),
 #: ``cuda-emu`` (CPU fiber emulator of csrc/cuda), ``cuda`` (GPU).
-KINDS = ("torch", "cpu", "triton-interp", "triton", "cuda-emu", "cuda")
+KINDS = ("torch", "cpu", "online", "triton-interp", "triton", "cuda-emu", "cuda")
 #:
 #: ``feature -> {kind: reason}``: the one place that says which backend does not run what.
 #: Capabilities (the backend cannot) and budgets (the backend could, but the run would be too
