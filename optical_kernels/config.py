@@ -41,7 +41,8 @@ Values (over valid entries)::
     value        = value_linear + ε KL(P ‖ a⊗b) [+ ρ KL(P1 ‖ a) + ρ KL(Pᵀ1 ‖ b) if rho]
     KL(p ‖ q)    = Σ p log(p/q) − p + q     (generalised KL)
 
-Backend functions (see :mod:`optical_kernels.backends.torch` for the oracle)::
+Backend functions (the contract as code, with shapes and dtypes:
+:mod:`optical_kernels.backends.contract`; the oracle: :mod:`optical_kernels.backends.torch`)::
 
     forward(C, a, b, cfg)  -> SolverOut
     backward(C, a, b, out, grad_value, grad_value_linear, cfg) -> dL/dC  [B, n, m]
@@ -52,8 +53,8 @@ uses ``P`` for both, ``implicit`` is exact at the fixed point (for ``value`` thi
 Danskin's theorem), ``unrolled`` differentiates the iterations actually run, from
 ``out.history``.
 
-Backends that fuse the cost into the solver (Triton, CUDA; the CPU backend does not, it
-implements the given-cost functions only) may also provide::
+Backends that fuse the cost into the solver (Triton, CUDA, online; the CPU backend does not,
+it implements the given-cost functions only) may also provide::
 
     forward_sample(x, y, a, b, cost, cfg) -> SolverOut
     backward_sample(x, y, a, b, cost, out, grad_value, grad_value_linear, cfg, need_dy)

@@ -1,8 +1,9 @@
 """The ``backend`` fixture of the contract suite (tests/backends/): every backend of the run.
 
-Parametrised over ``torch`` (the oracle), ``cpu``, ``online``, ``triton`` (under ``TRITON_INTERPRET=1`` on
-CPU, compiled on a GPU), ``cuda-emu`` (the CUDA kernel sources through the CPU fiber emulator,
-built by ``tests/test_cuda.py::_emu_build``) and ``cuda`` (the real device, ``@pytest.mark.gpu``).
+Parametrised over ``torch`` (the oracle), ``cpu``, ``online``, ``triton`` (under
+``TRITON_INTERPRET=1`` on CPU, compiled on a GPU), ``cuda-emu`` (the CUDA kernel sources
+through the CPU fiber emulator, built by ``tests/test_cuda.py::_emu_build``) and ``cuda`` (the
+real device, ``@pytest.mark.gpu``).
 Unavailable backends are skipped with their reason. The capability table, the tolerance table
 and the problem/solve helpers live in :mod:`tests.backends.contract` (a module, so that every
 test file imports the one copy).
