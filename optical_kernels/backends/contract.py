@@ -51,6 +51,7 @@ packing) are written once here; the backends call them instead of repeating them
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 from typing import Protocol, runtime_checkable
 
@@ -292,3 +293,50 @@ def empty_out(
         z(B, n), z(B, m), z(B), z(B), torch.zeros(B, dtype=torch.int32, device=device), z(B),
         hf, hg, cfg,
     )
+
+
+def jacobi_pcg(
+    matvec: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
+    rhs_u: Tensor, rhs_v: Tensor, du: Tensor, dv: Tensor, done: Tensor,
+    max_iter: int, tol: float, sync_every: int = 10,
+) -> tuple[Tensor, Tensor]:
+    """Batched Jacobi-preconditioned CG on the implicit-gradient system (docs/design.md §3),
+    the one recurrence every backend that solves it on the host runs::
+
+        H [u; v] = [rhs_u; rhs_v],   H = [[κ diag(P1), P], [Pᵀ, κ diag(Pᵀ1)]]
+
+    ``matvec(pu, pv, done) -> (hu, hv)`` applies H (``done`` [B] bool: problems already
+    converged, which a streamed matvec may skip); ``du`` [B, n], ``dv`` [B, m] the Jacobi
+    diagonal (1 at decoupled coordinates); ``done`` [B] the problems to leave at 0 from the
+    start (besides those with a zero right-hand side). A problem stops when its residual
+    ``‖r‖ ≤ tol·‖rhs‖`` or on a non-positive curvature; the loop ends after ``max_iter``
+    steps or, checked every ``sync_every`` steps (one host sync; 0: never), once every
+    problem has stopped. Returns ``(u [B, n], v [B, m])``, contiguous.
+    """
+
+    def dot(x1: Tensor, y1: Tensor, x2: Tensor, y2: Tensor) -> Tensor:
+        return (x1 * x2).sum(1) + (y1 * y2).sum(1)
+
+    u, v = torch.zeros_like(rhs_u), torch.zeros_like(rhs_v)
+    ru, rv = rhs_u.clone(), rhs_v.clone()
+    zu, zv = ru / du, rv / dv
+    pu, pv = zu.contiguous(), zv.contiguous()
+    rz = dot(ru, rv, zu, zv)
+    bnorm = dot(rhs_u, rhs_v, rhs_u, rhs_v).sqrt()
+    done = done | (bnorm == 0)
+    for it in range(max_iter):
+        hu, hv = matvec(pu, pv, done)
+        php = dot(pu, pv, hu, hv)
+        alpha = torch.where(done | (php <= 0), 0.0, rz / torch.where(php > 0, php, 1.0))
+        u, v = u + alpha[:, None] * pu, v + alpha[:, None] * pv
+        ru, rv = ru - alpha[:, None] * hu, rv - alpha[:, None] * hv
+        done = done | (dot(ru, rv, ru, rv).sqrt() <= tol * bnorm) | (php <= 0)
+        if sync_every and it % sync_every == sync_every - 1 and bool(done.all()):
+            break
+        zu, zv = ru / du, rv / dv
+        rz_new = dot(ru, rv, zu, zv)
+        beta = torch.where(done, 0.0, rz_new / torch.where(rz != 0, rz, 1.0))
+        pu = (zu + beta[:, None] * pu).contiguous()
+        pv = (zv + beta[:, None] * pv).contiguous()
+        rz = rz_new
+    return u.contiguous(), v.contiguous()

@@ -288,7 +288,8 @@ def _implicit(cost: _Cost, ranges: list[tuple[int, int]], a: torch.Tensor, b: to
     du = torch.where(va & (r > tiny), r, torch.ones_like(r))
     dv = torch.where(vb & (c > tiny), c, torch.ones_like(c))
 
-    def matvec(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def matvec(u: torch.Tensor, v: torch.Tensor, _: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         pv, ptu = a.new_zeros(B, n), a.new_zeros(B, m)
         for i0, i1 in ranges:
             P, _ = plan(i0, i1)
@@ -296,32 +297,9 @@ def _implicit(cost: _Cost, ranges: list[tuple[int, int]], a: torch.Tensor, b: to
             ptu += torch.einsum("bij,bi->bj", P, u[:, i0:i1])
         return torch.where(va, r * u + pv, u), torch.where(vb, c * v + ptu, v)
 
-    def dot(x1: torch.Tensor, y1: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor
-            ) -> torch.Tensor:
-        return (x1 * x2).sum(1) + (y1 * y2).sum(1)
-
     max_iter, tol = cfg.cg_limits(n, m, a.dtype, streamed=True)  # each CG step streams P
-    u, v = torch.zeros_like(rhs_u), torch.zeros_like(rhs_v)
-    ru, rv = rhs_u.clone(), rhs_v.clone()
-    zu, zv = ru / du, rv / dv
-    pu, pv = zu.clone(), zv.clone()
-    rz = dot(ru, rv, zu, zv)
-    bnorm = dot(rhs_u, rhs_v, rhs_u, rhs_v).sqrt()
-    done = bnorm == 0
-    for it in range(max_iter):
-        hu, hv = matvec(pu, pv)
-        php = dot(pu, pv, hu, hv)
-        alpha = torch.where(done | (php <= 0), 0.0, rz / torch.where(php > 0, php, 1.0))
-        u, v = u + alpha[:, None] * pu, v + alpha[:, None] * pv
-        ru, rv = ru - alpha[:, None] * hu, rv - alpha[:, None] * hv
-        done = done | (dot(ru, rv, ru, rv).sqrt() <= tol * bnorm) | (php <= 0)
-        if it % 10 == 9 and bool(done.all()):
-            break  # one host sync every 10 CG steps (as the oracle)
-        zu, zv = ru / du, rv / dv
-        rz_new = dot(ru, rv, zu, zv)
-        beta = torch.where(done, 0.0, rz_new / torch.where(rz != 0, rz, 1.0))
-        pu, pv = zu + beta[:, None] * pu, zv + beta[:, None] * pv
-        rz = rz_new
+    u, v = contract.jacobi_pcg(matvec, rhs_u, rhs_v, du, dv,
+                               torch.zeros(B, dtype=torch.bool, device=a.device), max_iter, tol)
     for i0, i1 in ranges:
         P, Ct = plan(i0, i1)
         lin = P * (1.0 + (u[:, i0:i1, None] + v[:, None, :] - Ct) / eps)

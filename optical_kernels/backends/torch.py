@@ -256,31 +256,10 @@ def implicit_linear_grad(
         hv = torch.where(vb, c * v + torch.einsum("bij,bi->bj", P, u), v)
         return hu, hv
 
-    def dot(x1: torch.Tensor, y1: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
-        return (x1 * x2).sum(1) + (y1 * y2).sum(1)
-
-    max_iter, tol = cfg.cg_limits(C.shape[1], C.shape[2], C.dtype)
-    u, v = torch.zeros_like(rhs_u), torch.zeros_like(rhs_v)
-    ru, rv = rhs_u.clone(), rhs_v.clone()
-    zu, zv = ru / du, rv / dv
-    pu, pv = zu.clone(), zv.clone()
-    rz = dot(ru, rv, zu, zv)
-    bnorm = dot(rhs_u, rhs_v, rhs_u, rhs_v).sqrt()
-    done = bnorm == 0
-    for it in range(max_iter):
-        hu, hv = matvec(pu, pv)
-        php = dot(pu, pv, hu, hv)
-        alpha = torch.where(done | (php <= 0), 0.0, rz / torch.where(php > 0, php, 1.0))
-        u, v = u + alpha[:, None] * pu, v + alpha[:, None] * pv
-        ru, rv = ru - alpha[:, None] * hu, rv - alpha[:, None] * hv
-        done = done | (dot(ru, rv, ru, rv).sqrt() <= tol * bnorm) | (php <= 0)
-        if it % 10 == 9 and bool(done.all()):
-            break  # reference only: one host sync every 10 CG steps
-        zu, zv = ru / du, rv / dv
-        rz_new = dot(ru, rv, zu, zv)
-        beta = torch.where(done, 0.0, rz_new / torch.where(rz != 0, rz, 1.0))
-        pu, pv = zu + beta[:, None] * pu, zv + beta[:, None] * pv
-        rz = rz_new
+    n, m = C.shape[1:]
+    max_iter, tol = cfg.cg_limits(n, m, C.dtype)
+    u, v = contract.jacobi_pcg(lambda pu, pv, _: matvec(pu, pv), rhs_u, rhs_v, du, dv,
+                               torch.zeros_like(rhs_u[:, 0], dtype=torch.bool), max_iter, tol)
     return P * (1.0 + (u[:, :, None] + v[:, None, :] - C) / cfg.eps)
 
 

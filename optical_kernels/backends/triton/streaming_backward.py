@@ -119,40 +119,18 @@ def _implicit_uv(prob: Problem, p, q, K, cfg: SolverConfig):
     du = torch.where(va & (r > tiny), (1.0 + extra) * r, 1.0)
     dv = torch.where(vb & (c > tiny), (1.0 + extra) * c, 1.0)
 
-    def dot(x1, y1, x2, y2):
-        return (x1 * x2).sum(1) + (y1 * y2).sum(1)
-
-    max_iter, tol = cfg.cg_limits(prob.n, prob.m, dt, streamed=True)
-    u, v = torch.zeros_like(rhs_u), torch.zeros_like(rhs_v)
-    ru, rv = rhs_u.clone(), rhs_v.clone()
-    zu, zv = ru / du, rv / dv
-    pu, pv = zu.clone(), zv.clone()
-    rz = dot(ru, rv, zu, zv)
-    bnorm = dot(rhs_u, rhs_v, rhs_u, rhs_v).sqrt()
-    done = (bnorm == 0) | ~prob.nonempty
-    for it in range(max_iter):
+    def matvec(pu: torch.Tensor, pv: torch.Tensor, done: torch.Tensor):
         cg_act = (~done).to(torch.int32)
         hu, _ = prob.plan(True, p, q, K, alpha=pu, beta=pv, sums=True, act=cg_act)
         hv, _ = prob.plan(False, q, p, K, alpha=pv, beta=pu, sums=True, act=cg_act)
         if extra:
             hu = hu + extra * torch.where(va, r, 0.0) * pu
             hv = hv + extra * torch.where(vb, c, 0.0) * pv
-        php = dot(pu, pv, hu, hv)
-        alpha = torch.where(done | (php <= 0), 0.0, rz / torch.where(php > 0, php, 1.0))
-        u = u + alpha[:, None] * pu
-        v = v + alpha[:, None] * pv
-        ru = ru - alpha[:, None] * hu
-        rv = rv - alpha[:, None] * hv
-        done = done | (dot(ru, rv, ru, rv).sqrt() <= tol * bnorm) | (php <= 0)
-        if CG_SYNC_EVERY and it % CG_SYNC_EVERY == CG_SYNC_EVERY - 1 and bool(done.all()):
-            break
-        zu, zv = ru / du, rv / dv
-        rz_new = dot(ru, rv, zu, zv)
-        beta = torch.where(done, 0.0, rz_new / torch.where(rz != 0, rz, 1.0))
-        pu = (zu + beta[:, None] * pu).contiguous()
-        pv = (zv + beta[:, None] * pv).contiguous()
-        rz = rz_new
-    return u.contiguous(), v.contiguous()
+        return hu, hv
+
+    max_iter, tol = cfg.cg_limits(prob.n, prob.m, dt, streamed=True)
+    return contract.jacobi_pcg(matvec, rhs_u, rhs_v, du, dv, ~prob.nonempty, max_iter, tol,
+                               sync_every=CG_SYNC_EVERY)
 
 
 def _backward(
