@@ -458,6 +458,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-udhr", action="store_true")
     ap.add_argument("--dry-run", action="store_true",
                     help="print the plan and the budget, train nothing")
+    ap.add_argument("--collect-only", action="store_true",
+                    help="train nothing: write --results from the arms whose runs are finished "
+                    "(an experiment cut short, or one still running in another process)")
+    ap.add_argument("--floors", type=Path, default=Path("docs/experiment_floors.json"),
+                    help="floor rows (experiment_floors) put in the same table, if the file "
+                    "exists")
     return ap.parse_args(argv)
 
 
@@ -478,14 +484,23 @@ def main(argv=None) -> int:
     try:
         setting = real_setting(args.cell, args.cache_dir, budget, args.test_limit,
                                udhr=not args.no_udhr)
-        done = run_experiment(setting, budget, args.out)
+        done = ({"trained": 0, "skipped": 0} if args.collect_only
+                else run_experiment(setting, budget, args.out))
         rows, diffs = collect(setting, budget, args.out)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         print(f"experiment: error: {e}", file=sys.stderr)
         return 1
     if rows:
-        p = write_outputs(rows, diffs, args.results, {"cell": args.cell, "budget": asdict(budget),
-                                                      "budget_name": args.budget})
+        arms_done = sorted({r["arm"] for r in rows})
+        meta = {"cell": args.cell, "budget": asdict(budget), "budget_name": args.budget,
+                "arms_finished": arms_done,
+                "arms_missing": [a for a in budget.arms if a not in arms_done]}
+        if args.floors.is_file():
+            from .results import read_results
+
+            rows = rows + [r for r in read_results(args.floors) if r["kind"] == "floor"]
+            meta["floors_from"] = str(args.floors)
+        p = write_outputs(rows, diffs, args.results, meta)
         print(f"wrote {p} and {table_path(p)} ({len(rows)} rows)")
     print(f"runs trained {done['trained']}, skipped (finished) {done['skipped']}")
     return 0
