@@ -434,12 +434,12 @@ def test_default_objective_is_linear_plan_cost():
 
 def test_backends_structure():
     info = ok.backends()
-    assert set(info) == {"torch", "cpu", "triton", "cuda"}
+    assert set(info) == {"torch", "cpu", "triton", "cuda", "online"}
     for name, entry in info.items():
         assert set(entry) == {"available", "reason"}, name
         assert isinstance(entry["available"], bool) and isinstance(entry["reason"], str)
         assert entry["reason"], name
-    assert info["torch"]["available"] is True
+    assert info["torch"]["available"] is True and info["online"]["available"] is True
 
 
 def test_auto_backend_on_cpu_gives_same_result_as_torch():

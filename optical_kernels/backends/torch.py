@@ -259,7 +259,8 @@ def implicit_linear_grad(
     n, m = C.shape[1:]
     max_iter, tol = cfg.cg_limits(n, m, C.dtype)
     u, v = contract.jacobi_pcg(lambda pu, pv, _: matvec(pu, pv), rhs_u, rhs_v, du, dv,
-                               torch.zeros_like(rhs_u[:, 0], dtype=torch.bool), max_iter, tol)
+                               torch.zeros(C.shape[0], dtype=torch.bool, device=C.device),
+                               max_iter, tol)
     return P * (1.0 + (u[:, :, None] + v[:, None, :] - C) / cfg.eps)
 
 
