@@ -85,6 +85,9 @@ SEEDS = (0, 1, 2)
 BASELINE = "kd-cosine"
 CONTROL = "maxsim"
 RESULT = "result.json"
+# Bible groups whose paired differences are written (besides every UDHR language "lang:<code>"
+# and the pooled zero-shot groups "bantu" / "non-bantu")
+DIFF_GROUPS = ("all", "no-near-dup")
 
 
 @dataclass
@@ -345,7 +348,7 @@ def _complete(folder: Path, setting: Setting, budget: Budget, cache: TeacherCach
 def collect(setting: Setting, budget: Budget, out: str | os.PathLike[str],
             n_resamples: int = 10_000) -> tuple[list[dict], list[dict]]:
     """Result rows and paired differences of every arm whose three seeds are finished."""
-    from .protocol import system_rows
+    from .protocol import TRAINING_LANGUAGE, UDHR_SET, language_group, system_rows
     from .results import make_difference
 
     out = Path(out)
@@ -376,7 +379,7 @@ def collect(setting: Setting, budget: Budget, out: str | os.PathLike[str],
     for arm, base in pairs:
         for es in setting.sets:
             for group, mask in es.groups.items():
-                if not mask.any() or not (group in ("all", "no-near-dup") or es.lang):
+                if not mask.any() or not (group in DIFF_GROUPS or group.startswith("lang:")):
                     continue
                 a = {m: np.stack([per_arm[arm](es, s)[m][mask] for s in budget.seeds])
                      for m in ("p@1",)}
@@ -385,6 +388,19 @@ def collect(setting: Setting, budget: Budget, out: str | os.PathLike[str],
                 diffs.append(make_difference(
                     cell=setting.cell, arm=arm, baseline=base, eval_set=es.name.split(":")[0],
                     group=group, per_query=a, baseline_per_query=b, n_resamples=n_resamples))
+        # the zero-shot groups: every language's queries of the group pooled (as system_rows)
+        pooled: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for es in setting.sets:
+            if es.lang and es.lang != TRAINING_LANGUAGE:
+                pooled.setdefault(language_group(es.lang), []).append((
+                    np.stack([per_arm[arm](es, s)["p@1"] for s in budget.seeds]),
+                    np.stack([per_arm[base](es, s)["p@1"] for s in budget.seeds])))
+        for group, parts in pooled.items():
+            diffs.append(make_difference(
+                cell=setting.cell, arm=arm, baseline=base, eval_set=UDHR_SET, group=group,
+                per_query={"p@1": np.concatenate([p[0] for p in parts], axis=1)},
+                baseline_per_query={"p@1": np.concatenate([p[1] for p in parts], axis=1)},
+                n_resamples=n_resamples))
     return rows, diffs
 
 
