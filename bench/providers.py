@@ -288,6 +288,27 @@ register(
     check=_backend_check("cpu"),
 )(_ok_provider("cpu"))
 
+
+
+def _cpu_every_iter(x, y, x_mask, y_mask, *, eps, n_iter, cost):  # noqa: ANN001, ANN202
+    from optical_kernels.backends import cpu
+
+    saved, cpu.FIXED_POINT_EXIT = cpu.FIXED_POINT_EXIT, False
+    try:
+        return _ok_provider("cpu")(x, y, x_mask, y_mask, eps=eps, n_iter=n_iter, cost=cost)
+    finally:
+        cpu.FIXED_POINT_EXIT = saved
+
+
+register(
+    "cpu_every_iter",
+    description="ours, backend='cpu' with the exact fixed-point exit off "
+    "(backends.cpu.FIXED_POINT_EXIT = False): all n_iter iterations computed, same result",
+    requires=("optical_kernels",),
+    devices=("cpu",),
+    check=_backend_check("cpu"),
+)(_cpu_every_iter)
+
 register(
     "triton",
     description="ours, backend='triton' (kernel family chosen by the backend)",

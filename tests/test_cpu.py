@@ -245,6 +245,60 @@ def test_log_domain_switch_agrees(rho: float | None, monkeypatch: pytest.MonkeyP
     assert rel(d1, d2) <= 1e-10
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rho", [None, 0.5])
+@pytest.mark.parametrize("n,m", [(1, 7), (7, 33), (33, 127), (32, 32)])
+@pytest.mark.parametrize("schedule", [None, (1.0, 0.5)])
+def test_fixed_point_exit_is_exact(
+    dtype: torch.dtype,
+    rho: float | None,
+    n: int,
+    m: int,
+    schedule: tuple[float, float] | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ending the loop at an exact fixed point changes no bit of any output or gradient, and
+    it does end the loop early on these well-conditioned problems (docs/design.md §5)."""
+    B, T = 6, 400
+    C, a, b = make_batch(B, n, m, dtype, seed=n * 131 + m, balanced=rho is None, scale=0.5)
+    gv = torch.randn(B, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
+    gl = torch.randn(B, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(dtype)
+    runs = {}
+    for exit_on in (True, False):
+        monkeypatch.setattr(cpu, "FIXED_POINT_EXIT", exit_on)
+        for grad in ("implicit", "envelope"):
+            cfg = SolverConfig(eps=0.1, rho=rho, max_iter=T, tol=0.0, eps_schedule=schedule,
+                               grad=grad)  # fmt: skip
+            ran = torch.zeros(B, dtype=torch.int32)
+            out = cpu.forward(C, a, b, cfg, iters_run=ran)
+            dC = cpu.backward(C, a, b, out, gv, gl, cfg)
+            runs[exit_on, grad] = (out, dC, ran)
+    for grad in ("implicit", "envelope"):
+        (o1, d1, r1), (o2, d2, r2) = runs[True, grad], runs[False, grad]
+        for name in ("f", "g", "value", "value_linear", "n_iters", "err"):
+            assert torch.equal(getattr(o1, name), getattr(o2, name)), (grad, name)
+        assert torch.equal(d1, d2), grad
+        live = o2.n_iters > 0
+        assert torch.equal(r2[live], torch.full_like(r2[live], T))  # exit off: every iteration
+        assert bool((r1[live] < T).any()), r1  # exit on: these problems reach a fixed point
+        assert bool((r1[~live] == 0).all())
+
+
+def test_fixed_point_exit_not_with_tol_or_history() -> None:
+    """A stopping test (tol > 0) or the unrolled history computes iterations as before."""
+    B, T = 4, 300
+    C, a, b = make_batch(B, 9, 11, torch.float64, seed=5, ragged=False, scale=0.5)
+    ran = torch.zeros(B, dtype=torch.int32)
+    out = cpu.forward(C, a, b, SolverConfig(eps=0.1, max_iter=T, tol=0.0, grad="unrolled"),
+                      iters_run=ran)  # fmt: skip
+    assert torch.equal(ran, torch.full_like(ran, T)) and torch.equal(out.n_iters, ran)
+    out = cpu.forward(C, a, b, SolverConfig(eps=0.1, max_iter=T, tol=1e-300, check_every=7),
+                      iters_run=ran)  # fmt: skip
+    assert torch.equal(ran, out.n_iters) and torch.equal(ran, torch.full_like(ran, T))
+    with pytest.raises(ValueError, match="iters_run"):
+        cpu.forward(C, a, b, SolverConfig(eps=0.1), iters_run=torch.zeros(B))
+
+
 def test_history_layout() -> None:
     C, a, b = make_batch(3, 6, 5, torch.float32, seed=7)
     cfg = SolverConfig(eps=0.1, max_iter=12, tol=0.0, grad="unrolled")

@@ -108,23 +108,21 @@ void Backward<T>::implicit_solve(int n, int m, int ld, double kappa, bool balanc
   }
   // Lower triangle of S = κ diag(rs) − YᵀY/κ, and rhs = hs − Yᵀ(hb ∘ isq)/κ. Row q of YᵀY is
   // Σ_p Y_pq Y_p,: — a register-blocked column sum over the rows of Y with the weights
-  // Y_:,q (column q of Y, contiguous in Yᵀ), over the columns [0, q] rounded up to a vector
+  // Y_:,q (column q of Y, read with stride ldM), over the columns [0, q] rounded up to a vector
   // (the rest of the row is never read): the accumulators stay in registers, where
   // rank-one updates of S would load and store S once per row of Y.
   const double ik = 1.0 / kappa;
   constexpr int LD = Simd<double>::L;
-  double* YT = Yt.get((size_t)M * N + N + ldM + 8);  // Yᵀ [M, N], then coef [N], yc [ldM]
-  for (int p = 0; p < N; ++p)
-    for (int q = 0; q < M; ++q) YT[(size_t)q * N + p] = Yp[(size_t)p * ldM + q];
+  double* YT = Yt.get((size_t)N + ldM + 8);  // coef [N], yc [ldM]
   for (int q = 0; q < M; ++q) {
     double* srow = Sp + (size_t)q * ldM;
     const int c1 = std::min(ldM, round_up(q + 1, LD));
-    colsum(Yp, ldM, N, YT + (size_t)q * N, srow, 0, c1);
+    colsum(Yp, ldM, N, Yp + q, srow, 0, c1, /*ws=*/ldM);  // weights: column q of Y
     for (int l = 0; l < c1; ++l) srow[l] *= -ik;
     for (int l = c1; l < ldM; ++l) srow[l] = 0.0;
   }
   {
-    double* coef = YT + (size_t)M * N;
+    double* coef = YT;
     double* yc = coef + N;
     for (int p = 0; p < N; ++p) coef[p] = hb[p] * isq[p] * ik;
     colsum(Yp, ldM, N, coef, yc, 0, ldM);
@@ -141,11 +139,12 @@ void Backward<T>::implicit_solve(int n, int m, int ld, double kappa, bool balanc
   }
   if (balanced && live > 0) {  // null space (1, −1) of H: add α 11ᵀ on the live block
     const double alpha = rs_sum / ((double)live * live);
+    double* am = isq + N;  // α on the live columns, 0 on the dead ones (free scratch of base)
+    for (int l = 0; l < M; ++l) am[l] = rs[l] > tiny ? alpha : 0.0;
     for (int q = 0; q < M; ++q) {
       if (!(rs[q] > tiny)) continue;
       double* srow = Sp + (size_t)q * ldM;
-      for (int l = 0; l <= q; ++l)
-        if (rs[l] > tiny) srow[l] += alpha;
+      for (int l = 0; l <= q; ++l) srow[l] += am[l];
     }
   }
   for (int q = 0; q < M; ++q) {

@@ -75,6 +75,8 @@ void forward(const CpuParams& p) {
   A.err = ptr<void>(p.err), A.hist_f = p.hist_f ? ptr<void>(p.hist_f) : nullptr;
   A.hist_g = p.hist_g ? ptr<void>(p.hist_g) : nullptr;
   A.num_threads = p.num_threads, A.tau = p.tau, A.log_only = p.log_only, A.par_min = p.par_min;
+  A.fixed_point_exit = p.fixed_point_exit;
+  A.iters_run = p.iters_run ? ptr<int32_t>(p.iters_run) : nullptr;
   if (p.B == 0 || p.n == 0 || p.m == 0) return;
   py::gil_scoped_release release;
   if (p.dtype == okc::kF32)
@@ -200,6 +202,8 @@ PYBIND11_MODULE(OKC_MODULE, mod) {
       .def_readwrite("num_threads", &CpuParams::num_threads)
       .def_readwrite("tau", &CpuParams::tau)
       .def_readwrite("log_only", &CpuParams::log_only)
+      .def_readwrite("fixed_point_exit", &CpuParams::fixed_point_exit)
+      .def_readwrite("iters_run", &CpuParams::iters_run)
       .def_readwrite("par_min", &CpuParams::par_min)
       .def_readwrite("direct_max", &CpuParams::direct_max);
   mod.def("forward", &forward, py::arg("params"),

@@ -28,9 +28,24 @@ inline int round_up(int x, int L) { return (x + L - 1) / L * L; }
 // like the reference (issue 9: fp32 sqeuclidean at scale 1e4, ε = 0.05 returned Inf).
 template <class T>
 inline bool scaling_safe(const T* C, int n, int m, int ld, double eps) {
+  // max |C| over the valid block; the padding columns up to ld are 0 (gather), so whole
+  // vectors can be read.
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = S::L;
+  V vmx = S::set1(T(0));
   T cmax = T(0);
-  for (int i = 0; i < n; ++i)
-    for (int j = 0; j < m; ++j) cmax = std::max(cmax, std::fabs(C[(int64_t)i * ld + j]));
+  for (int i = 0; i < n; ++i) {
+    const T* x = C + (int64_t)i * ld;
+    int j = 0;
+    if (ld % L == 0)
+      for (; j < m; j += L) {
+        const V c = S::load(x + j);
+        vmx = S::vmax(vmx, S::vmax(c, -c));
+      }
+    for (; j < m; ++j) cmax = std::max(cmax, std::fabs(x[j]));
+  }
+  cmax = std::max(cmax, S::hmax(vmx));
   return 48.0 * (double)std::numeric_limits<T>::epsilon() * (double)cmax <= eps;
 }
 
@@ -75,6 +90,8 @@ struct FwdArgs {
   int num_threads = 1;
   double tau = 0.0;                // absorption threshold on |log u|; 0: dtype default
   int log_only = 0;                // 1: plain log-domain iterations (no scaling form)
+  int fixed_point_exit = 1;        // 1: end the loop at an exact fixed point (forward.cpp)
+  int32_t* iters_run = nullptr;    // optional [B]: iterations computed (diagnostics, tests)
   int64_t par_min = 0;             // problems with n·m >= this run with inner parallelism
 };
 
@@ -168,26 +185,28 @@ inline int col_grain(int total, int nt, int L) {
 // All matrices are row-major with a leading dimension `ld` that is a multiple of L; column
 // ranges [c0, c1) handed to the column kernels are multiples of L (c1 may be ld).
 
-// out[c] = Σ_{r<R} w[r] X[r, c]  (register-blocked axpy over rows; no horizontal sums).
+// out[c] = Σ_{r<R} w[r·ws] X[r, c]  (register-blocked axpy over rows; no horizontal sums;
+// the weights may be strided: ws = 1 for a vector, the row length for a column of a matrix).
 template <class T, int NB, int U>
-inline void colsum_block(const T* X, int ld, int R, const T* w, T* out, int c) {
+inline void colsum_block(const T* X, int ld, int R, const T* w, int64_t ws, T* out, int c) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int L = S::L;
   V acc[U][NB];
   for (int u = 0; u < U; ++u)
     for (int q = 0; q < NB; ++q) acc[u][q] = S::set1(T(0));
+  // One running row pointer: no index arithmetic per row in the hot loop.
+  const T* x = X + c;
+  const int64_t step = (int64_t)U * ld;
   int r = 0;
-  for (; r + U <= R; r += U) {
+  for (; r + U <= R; r += U, x += step) {
     for (int u = 0; u < U; ++u) {
-      const V wr = S::set1(w[r + u]);
-      const T* x = X + (int64_t)(r + u) * ld + c;
-      for (int q = 0; q < NB; ++q) acc[u][q] += wr * S::load(x + q * L);
+      const V wr = S::set1(w[(r + u) * ws]);
+      for (int q = 0; q < NB; ++q) acc[u][q] += wr * S::load(x + (int64_t)u * ld + q * L);
     }
   }
-  for (; r < R; ++r) {
-    const V wr = S::set1(w[r]);
-    const T* x = X + (int64_t)r * ld + c;
+  for (; r < R; ++r, x += ld) {
+    const V wr = S::set1(w[r * ws]);
     for (int q = 0; q < NB; ++q) acc[0][q] += wr * S::load(x + q * L);
   }
   for (int q = 0; q < NB; ++q) {
@@ -198,12 +217,13 @@ inline void colsum_block(const T* X, int ld, int R, const T* w, T* out, int c) {
 }
 
 template <class T>
-inline void colsum(const T* X, int ld, int R, const T* w, T* out, int c0, int c1) {
+inline void colsum(const T* X, int ld, int R, const T* w, T* out, int c0, int c1,
+                   int64_t ws = 1) {
   constexpr int L = Simd<T>::L;
   int c = c0;
-  for (; c + 4 * L <= c1; c += 4 * L) colsum_block<T, 4, 2>(X, ld, R, w, out, c);
-  for (; c + 2 * L <= c1; c += 2 * L) colsum_block<T, 2, 4>(X, ld, R, w, out, c);
-  for (; c + L <= c1; c += L) colsum_block<T, 1, 8>(X, ld, R, w, out, c);
+  for (; c + 4 * L <= c1; c += 4 * L) colsum_block<T, 4, 2>(X, ld, R, w, ws, out, c);
+  for (; c + 2 * L <= c1; c += 2 * L) colsum_block<T, 2, 4>(X, ld, R, w, ws, out, c);
+  for (; c + L <= c1; c += L) colsum_block<T, 1, 8>(X, ld, R, w, ws, out, c);
 }
 
 // out[r] = Σ_c X[r, c] w[c] for rows [r0, r1) (w zero-padded to ld).

@@ -55,7 +55,7 @@ template <class T>
 static inline bool scaling_update(const T* Sv, const T* old, T* out, const T* wt, const T* kw,
                                   const T* valid, const T* lo_w, const T* hi_w, int ldo, bool unb,
                                   T lam, T hard_lo, T hard_hi, bool want_err, double& err,
-                                  bool& absorb) {
+                                  bool& absorb, bool& same) {
   using S = Simd<T>;
   using V = typename S::V;
   using I = typename S::I;
@@ -63,7 +63,7 @@ static inline bool scaling_update(const T* Sv, const T* old, T* out, const T* wt
   const V lo = S::set1(hard_lo), hi = S::set1(hard_hi), one = S::set1(T(1)), zero = S::set1(T(0));
   const V vinf = S::set1(std::numeric_limits<T>::infinity());
   const V vl = S::set1(lam);
-  I bad = (I)(zero < zero), soft = (I)(zero < zero);
+  I bad = (I)(zero < zero), soft = (I)(zero < zero), diff = (I)(zero < zero);
   V e = zero;
   for (int i = 0; i < ldo; i += L) {
     const V sv = S::load(Sv + i);
@@ -83,16 +83,13 @@ static inline bool scaling_update(const T* Sv, const T* old, T* out, const T* wt
     }
     bad |= ok_lane & ~((nu > zero) & (nu < vinf));
     soft |= (nu < S::load(lo_w + i)) | (nu > S::load(hi_w + i));
+    diff |= (I)nu ^ (I)S::load(old + i);  // bitwise: is the new state the old one?
     S::store(out + i, nu);
   }
-  bool any_bad = false, any_soft = false;
-  for (int k = 0; k < L; ++k) {
-    any_bad |= bad[k] != 0;
-    any_soft |= soft[k] != 0;
-  }
   if (want_err) err = (double)S::hsum(e);
-  absorb = any_soft;
-  return !any_bad;
+  absorb = S::any(soft);
+  same = !S::any(diff);
+  return !S::any(bad);
 }
 
 template <class T>
@@ -106,12 +103,14 @@ void Forward<T>::solve(int k, bool par, int nt) {
   T* vl_out = static_cast<T*>(A.value_linear) + k;
   T* err_out = static_cast<T*>(A.err) + k;
   int32_t* it_out = A.n_iters + k;
+  int32_t* run_out = A.iters_run ? A.iters_run + k : nullptr;
   T* hist_f = A.hist_f ? static_cast<T*>(A.hist_f) + (int64_t)k * A.n : nullptr;
   T* hist_g = A.hist_g ? static_cast<T*>(A.hist_g) + (int64_t)k * A.m : nullptr;
 
   if (!P.select(ap, A.san, A.n, bp, A.sbm, A.m)) {
     *value_out = *vl_out = *err_out = T(0);
     *it_out = 0;
+    if (run_out) *run_out = 0;
     return;
   }
   const int n = P.n, m = P.m, ldn = P.ldn, ldm = P.ldm;
@@ -174,6 +173,13 @@ void Forward<T>::solve(int k, bool par, int nt) {
   T* KTm = nullptr;
   bool haveK = false, scaled = false, anchored = false;
   double K_eps = 0.0, fresh_eps = -1.0;
+  int rebuilds = 0;
+  // Exact fixed point: with no stopping test left to run and ε constant from here on, an
+  // iteration of the scaling form that maps (ũ, ṽ, K̃) onto itself bit for bit (no absorption,
+  // no rebuild) makes every later iteration repeat it, so the loop ends there with the state
+  // (and the output) it would have after max_iter iterations; n_iters still counts them.
+  // Not with the unrolled history, which records every iteration.
+  const bool may_skip = A.fixed_point_exit && !check_tol && !hist_f;
 
   // True potentials f = f̄ + ε (log ũ − log a), g = ḡ + ε (log ṽ − log b), 0 on padding.
   auto potentials = [&](T* Fo, T* Go) {
@@ -207,7 +213,13 @@ void Forward<T>::solve(int k, bool par, int nt) {
       if (anchor && i < n) {
         const T* x = Cc + (int64_t)i * ldm;
         fb0 = x[0];
-        for (int j = 1; j < m; ++j) fb0 = std::min(fb0, x[j]);
+        int j = 1;
+        if (m >= L) {  // whole vectors inside the valid columns, then the scalar tail
+          V mn = S::load(x);
+          for (j = L; j + L <= m; j += L) mn = S::vmin(mn, S::load(x + j));
+          for (int k = 0; k < L; ++k) fb0 = std::min(fb0, mn[k]);
+        }
+        for (; j < m; ++j) fb0 = std::min(fb0, x[j]);
       }
       FB[i] = i < n ? fb0 : T(0);
       AL[i] = i < n ? fb0 * ie : ninf;
@@ -228,6 +240,7 @@ void Forward<T>::solve(int k, bool par, int nt) {
     haveK = scaled = true;
     anchored = anchor;
     K_eps = et;
+    ++rebuilds;
   };
   // Explicit row-marginal error at ε (rare fallback: a check due while ε_t ≠ ε).
   auto row_err_explicit = [&](const T* Fo, const T* Go) -> double {
@@ -260,6 +273,7 @@ void Forward<T>::solve(int k, bool par, int nt) {
   };
 
   int it_done = 0;
+  if (run_out) *run_out = -1;  // set below: where the loop ends
   for (int it = 1; it <= A.max_iter; ++it) {
     const double et = eps_at(A, it);
     const double lam = unb ? rho / (rho + et) : 1.0;
@@ -267,6 +281,9 @@ void Forward<T>::solve(int k, bool par, int nt) {
                        eps_at(A, it - 1) == eps;
     bool stop = false;
     bool absorb = false;
+    bool f_same = false, g_same = false;
+    const bool was_anchored = anchored;
+    const int rebuilds0 = rebuilds;
     // ------------------------------------------------------------------ f-step
     if (use_scaling && it == 1 && (A.max_iter == 1 || eps_at(A, 2) == et)) rebuild(et, true);
     if (use_scaling && (!haveK || K_eps != et) && fresh_eps == et) rebuild(et, false);
@@ -275,7 +292,7 @@ void Forward<T>::solve(int k, bool par, int nt) {
       pfor(par, nt, ldn, gn, [&](int c0, int c1) { colsum(KTm, ldn, m, VA, Sv, c0, c1); });
       double e = 0.0;
       const bool ok = scaling_update(Sv, UA, UB, a, KUA, VN, ALO, AHI, ldn, unb, (T)lam, hard_lo,
-                                     hard_hi, check && !unb, e, absorb);
+                                     hard_hi, check && !unb, e, absorb, f_same);
       if (ok) {
         if (check) {
           if (unb) e = unb_err();
@@ -333,10 +350,11 @@ void Forward<T>::solve(int k, bool par, int nt) {
       pfor(par, nt, ldm, gm, [&](int c0, int c1) { colsum(Km, ldm, n, UA, Tv, c0, c1); });
       double e = 0.0;
       const bool ok = scaling_update(Tv, VA, VB, b, KVB, VM, BLO, BHI, ldm, unb, (T)lam, hard_lo,
-                                     hard_hi, false, e, absorb);
+                                     hard_hi, false, e, absorb, g_same);
       if (ok) {
         std::swap(VA, VB);
         done = true;
+        g_same = g_same && f_same && !absorb;
       } else {
         absorb = false;
         materialise();
@@ -356,6 +374,12 @@ void Forward<T>::solve(int k, bool par, int nt) {
       rebuild(et, false);
     }
     it_done = it;
+    if (may_skip && g_same && !was_anchored && rebuilds == rebuilds0 && et == eps &&
+        it >= A.eps_len) {
+      if (run_out) *run_out = it;
+      it_done = A.max_iter;
+      break;
+    }
     if (hist_f) {
       const T* Fo = F;
       const T* Go = G;
@@ -372,6 +396,7 @@ void Forward<T>::solve(int k, bool par, int nt) {
     }
   }
   materialise();
+  if (run_out && *run_out < 0) *run_out = it_done;
 
   // ---------------------------------------------------------------- final pass at ε
   // P_ij = exp(la_i + f_i/ε + lb_j + g_j/ε − C_ij/ε); row/column masses, <P, C>.

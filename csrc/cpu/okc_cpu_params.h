@@ -50,6 +50,8 @@ struct CpuParams {
   int num_threads = 1;
   double tau = 0.0;                    // absorption threshold on |log u|; 0: dtype default
   int log_only = 0;                    // 1: plain log-domain iterations / reverse pass
+  int fixed_point_exit = 1;            // forward: end the loop at an exact fixed point
+  int64_t iters_run = 0;               // forward, optional [B] int32: iterations computed
   int64_t par_min = 0;                 // >= 1: problems with n·m >= this use inner parallelism
   int direct_max = -1;                 // >= 0: implicit, dense Schur solve when min(n, m) <= this
                                        // (both set by backends/cpu.py: PAR_MIN, DIRECT_MAX)

@@ -18,6 +18,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #ifndef OKC_VEC_BYTES
 #if defined(__AVX512F__)
@@ -33,6 +36,28 @@ namespace okc {
 
 // Bytes of one SIMD vector of this build.
 constexpr int kVecBytes = OKC_VEC_BYTES;
+
+// Whether any bit of a vector of kVecBytes bytes (a comparison mask) is set: one test
+// instruction where the ISA has it, instead of a loop over the lanes.
+template <class M>
+static inline bool any_bits(M m) {
+  static_assert(sizeof(M) == OKC_VEC_BYTES, "a mask is one vector");
+#if OKC_VEC_BYTES == 64 && defined(__AVX512F__)
+  __m512i v;
+  std::memcpy(&v, &m, 64);
+  return _mm512_test_epi64_mask(v, v) != 0;
+#elif OKC_VEC_BYTES == 32 && defined(__AVX__)
+  __m256i v;
+  std::memcpy(&v, &m, 32);
+  return !_mm256_testz_si256(v, v);
+#else
+  uint64_t w[sizeof(M) / 8];
+  std::memcpy(w, &m, sizeof(M));
+  uint64_t r = 0;
+  for (unsigned k = 0; k < sizeof(M) / 8; ++k) r |= w[k];
+  return r != 0;
+#endif
+}
 
 template <class T>
 struct Simd;
@@ -65,6 +90,8 @@ struct Simd<float> {
     for (int k = 1; k < L; ++k) s = v[k] > s ? v[k] : s;
     return s;
   }
+
+  static inline bool any(I m) { return any_bits(m); }
 
   static inline V exp(V x) {
     const V lo = set1(-87.33654f), hi = set1(88.0f);
@@ -142,6 +169,8 @@ struct Simd<double> {
     for (int k = 1; k < L; ++k) s = v[k] > s ? v[k] : s;
     return s;
   }
+
+  static inline bool any(I m) { return any_bits(m); }
 
   static inline V exp(V x) {
     const V lo = set1(-708.3), hi = set1(709.0);

@@ -163,6 +163,11 @@ DIRECT_MAX = 384
 #: ``True``: plain log-domain iterations and reverse pass (2·n·m exponentials per iteration)
 #: instead of the stabilised scaling form; same results to rounding. For measurement/testing.
 LOG_DOMAIN = False
+#: ``True``: the forward loop ends at an exact fixed point of the scaling iteration (with
+#: ``tol=0`` and constant ε, an iteration that reproduces its state bit for bit makes every
+#: later one repeat it; the outputs are those of all ``max_iter`` iterations, bit for bit).
+#: ``False`` computes every iteration. For measurement/testing (docs/design.md §4).
+FIXED_POINT_EXIT = True
 
 
 def is_available() -> tuple[bool, str]:
@@ -232,12 +237,23 @@ def _params(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig
     eps_t = _eps_schedule(cfg, cfg.max_iter)
     p.eps_t, p.eps_len = eps_t.data_ptr(), eps_t.numel()
     p.num_threads, p.log_only, p.par_min = torch.get_num_threads(), int(LOG_DOMAIN), PAR_MIN
-    p.direct_max = DIRECT_MAX
+    p.direct_max, p.fixed_point_exit = DIRECT_MAX, int(FIXED_POINT_EXIT)
     return p, eps_t
 
 
-def forward(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig) -> SolverOut:
+def forward(
+    C: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    cfg: SolverConfig,
+    *,
+    iters_run: torch.Tensor | None = None,
+) -> SolverOut:
     """Solve a padded batch: ``C`` [B, n, m], ``a`` [B, n], ``b`` [B, m] -> :class:`SolverOut`.
+
+    ``iters_run`` (diagnostics, optional): a contiguous int32 [B] tensor that receives the
+    number of iterations actually computed per problem (below ``n_iters`` where the exact
+    fixed-point exit, :data:`FIXED_POINT_EXIT`, ended the loop).
 
     Same map, stopping rule, values and conventions as the oracle's ``forward``
     (0 at padded positions; empty problems give zeros and ``n_iters = 0``). For
@@ -260,6 +276,12 @@ def forward(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: SolverConfig
         p.n_iters, p.err = n_iters.data_ptr(), err.data_ptr()
         if unrolled:
             p.hist_f, p.hist_g, p.hist_T = hist_f.data_ptr(), hist_g.data_ptr(), T
+        if iters_run is not None:
+            ok_buf = (iters_run.dtype == torch.int32 and iters_run.shape == (B,)
+                      and iters_run.is_contiguous() and iters_run.device.type == "cpu")  # fmt: skip
+            if not ok_buf:
+                raise ValueError(f"iters_run must be a contiguous CPU int32 tensor of shape ({B},)")
+            p.iters_run = iters_run.data_ptr()
         _cpu.forward(p)
         del keep
     return out
