@@ -124,6 +124,23 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def sgemm_gflops(size: int = 1024, reps: int = 5) -> float:
+    """This host's fp32 GEMM rate (GFLOP/s, best of ``reps`` products of ``size``² matrices with
+    torch's threads): the achievable FMA rate that the tables' "% of sgemm" column divides by."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return round(2 * size**3 / best / 1e9, 1)
+
+
 def bench_environment() -> dict[str, object]:
     """Machine and version facts recorded with every run."""
     import torch
@@ -138,6 +155,7 @@ def bench_environment() -> dict[str, object]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        "sgemm_gflops": sgemm_gflops(),
         **isa_info(),
     }
     for key, dist in [

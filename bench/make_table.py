@@ -10,7 +10,9 @@ For each case (shape, d, fwd or fwd_bwd) and provider it prints the median time 
 over each baseline *measured in the same run* (``baseline median / provider median``; ``> 1×``
 means faster than the baseline). A provider whose mean loss differs from the first baseline's
 by more than ``--loss-rtol`` is flagged with ``†`` (same objective only). When the run has the
-``gemm_floor`` provider, a last column gives each time divided by that floor (docs/design.md §7).
+``gemm_floor`` provider, a column gives each time divided by that floor (docs/design.md §7), and
+when the run recorded the host's sgemm rate, a last one the case's useful FLOP rate as a
+fraction of it.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def table(run: dict, baselines: list[str], loss_rtol: float = 1e-3) -> str:
             "median": b["stats"]["median"],
             "loss": e.get("loss_mean"),
             "objective": e.get("objective", "linear"),
+            "flops": e.get("flops"),
         }
         cases[key] = e.get("case", "")
         if e["provider"] not in order:
@@ -115,9 +118,13 @@ def table(run: dict, baselines: list[str], loss_rtol: float = 1e-3) -> str:
     order.sort(key=rank.__getitem__)
 
     floor_name = "gemm_floor"
+    env = run.get("machine_info", {}).get("optical_kernels_bench", {})
+    peak = env.get("sgemm_gflops") if not env.get("gpu") else None
     head = ["case", "pass", "provider", "median (ms)"] + [f"vs {b}" for b in baselines]
     if floor_name in order:
         head.append("÷ GEMMs")
+    if peak:
+        head.append("% of sgemm")
     align = ["---"] * 3 + ["---:"] * (len(head) - 3)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
     flagged = False
@@ -150,10 +157,18 @@ def table(run: dict, baselines: list[str], loss_rtol: float = 1e-3) -> str:
             if floor_name in order:
                 fl = by_prov.get(floor_name)
                 cells.append(_fmt_ratio(r["median"] / fl["median"]) if fl else "–")
+            if peak:
+                fr = r["flops"] / (r["median"] * peak * 1e9) if r["flops"] else None
+                cells.append(f"{100 * fr:.1f}%" if fr is not None else "–")
             lines.append("| " + " | ".join(cells) + " |")
     notes = [f"{s}: {desc}" for s, desc in shape_desc.items()]
     out = "\n".join(lines) + "\n"
     out = f"Machine: {machine_line(run)}. " + "; ".join(notes) + ".\n\n" + out
+    if peak:
+        out += (f"\n% of sgemm: the case's useful FLOPs (cost GEMM, 100 × two matrix-vector "
+                f"products, gradient GEMM; bench/test_sinkhorn_loss.py `case_flops`) per second, "
+                f"over this host's fp32 GEMM rate measured in the same run ({peak:,.0f} GFLOP/s, "
+                f"torch.mm 1024²).\n")
     if flagged:
         out += f"\n† mean loss differs from the baseline's by more than {loss_rtol:g} (relative).\n"
     return out

@@ -21,6 +21,15 @@ from bench.providers import PROVIDERS, PeerError
 from bench.shapes import make_problem
 
 
+def case_flops(B: int, n: int, m: int, d: int, n_iter: int, mode: str) -> int:
+    """The useful FLOPs of one case, the same for every provider: the cost GEMM ``x·yᵀ``
+    (``2·B·n·m·d``), ``n_iter`` iterations of two matrix-vector products (``4·B·n·m`` each)
+    and, for ``fwd_bwd``, the gradient GEMM ``G·y`` (``2·B·n·m·d``; ``y`` has no gradient).
+    Divided by the time and the host's sgemm rate it gives the "% of sgemm" column."""
+    gemm = 2 * B * n * m * d
+    return gemm + n_iter * 4 * B * n * m + (gemm if mode != "fwd" else 0)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -103,5 +112,6 @@ def test_sinkhorn_loss(benchmark, bench_settings, bench_case, mode, provider) ->
         n_iter=shape.n_iter,
         loss_mean=float(loss.double().mean()),
         isa=_row_isa(provider),
+        flops=case_flops(shape.B, shape.n, shape.m, d, shape.n_iter, mode),
     )
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)

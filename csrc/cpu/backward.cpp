@@ -168,9 +168,9 @@ void Backward<T>::implicit_solve(int n, int m, int ld, double kappa, bool balanc
   double dmax = 0.0;
   for (int q = 0; q < M; ++q) dmax = std::max(dmax, Sp[(size_t)q * ldM + q]);
   const double tol_piv = 1e-13 * (dmax > 0 ? dmax : 1.0);
-  double* col = isq + N;  // scratch [M]
-  unsigned char* dead = reinterpret_cast<unsigned char*>(col + M);  // [M] bytes
-  double* tolv = col + M + (M + 7) / 8 + 1;                          // scratch [M]
+  double* col = isq + N;  // scratch [ldM]
+  unsigned char* dead = reinterpret_cast<unsigned char*>(col + ldM);  // [M] bytes
+  double* tolv = col + ldM + (M + 7) / 8 + 1;                          // scratch [M]
   for (int q = 0; q < M; ++q) tolv[q] = balanced ? tol_piv : 1e-13 * Sp[(size_t)q * ldM + q];
   for (int k = 0; k < M; ++k) {
     double* sk = Sp + (size_t)k * ldM;
@@ -184,16 +184,25 @@ void Backward<T>::implicit_solve(int n, int m, int ld, double kappa, bool balanc
     const double d = std::sqrt(piv);
     sk[k] = d;
     const double id = 1.0 / d;
+    // col = L[k+1:, k], 0 at and before k: the update of row i then runs over whole vectors
+    // from the one holding column k+1 (its entries j <= k, final values of L, get −lik·0 and
+    // keep their bits) to the one holding column i (the entries past i are the upper
+    // triangle, never read).
+    const int j0 = (k + 1) / LD * LD;
+    for (int j = j0; j <= k; ++j) col[j] = 0.0;
     for (int i = k + 1; i < M; ++i) {
       double& lik = Sp[(size_t)i * ldM + k];
       lik *= id;
       col[i] = lik;
     }
+    for (int j = M; j < ldM; ++j) col[j] = 0.0;
+    using SD = Simd<double>;
     for (int i = k + 1; i < M; ++i) {
       double* si = Sp + (size_t)i * ldM;
-      const double lik = col[i];
-#pragma omp simd
-      for (int j = k + 1; j <= i; ++j) si[j] -= lik * col[j];
+      const SD::V lik = SD::set1(col[i]);
+      const int j1 = (i + LD) / LD * LD;  // round_up(i + 1, LD), LD a power of two
+      for (int j = j0; j < j1; j += LD)
+        SD::store(si + j, SD::load(si + j) - lik * SD::load(col + j));
     }
   }
   for (int q = 0; q < M; ++q) {  // L z = rhs

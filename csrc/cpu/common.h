@@ -364,16 +364,33 @@ struct Problem {
     return true;
   }
 
-  // Transpose [m, ldn] of the gathered cost.
-  void gather_transpose() {
-    T* X = C.p;
-    T* XT = CT.get((size_t)m * ldn);
-    for (int j = 0; j < m; ++j) {
+  // XT[j, i] = X[i, j] for the columns [j0, j1) (rows padded with 0 up to ldn), in 8 × 8
+  // tiles: the compiler keeps a tile in registers, where the plain strided loop spent ~6
+  // instructions per entry on index arithmetic.
+  void transpose_cols(const T* X, T* XT, int j0, int j1) const {
+    constexpr int TB = 8;
+    int j = j0;
+    for (; j + TB <= j1; j += TB) {
+      int i = 0;
+      for (; i + TB <= n; i += TB)
+        for (int jj = 0; jj < TB; ++jj)
+          for (int ii = 0; ii < TB; ++ii)
+            XT[(int64_t)(j + jj) * ldn + i + ii] = X[(int64_t)(i + ii) * ldm + j + jj];
+      for (int jj = 0; jj < TB; ++jj) {
+        T* dst = XT + (int64_t)(j + jj) * ldn;
+        for (int r = i; r < n; ++r) dst[r] = X[(int64_t)r * ldm + j + jj];
+        for (int r = n; r < ldn; ++r) dst[r] = T(0);
+      }
+    }
+    for (; j < j1; ++j) {
       T* dst = XT + (int64_t)j * ldn;
       for (int i = 0; i < n; ++i) dst[i] = X[(int64_t)i * ldm + j];
       for (int i = n; i < ldn; ++i) dst[i] = T(0);
     }
   }
+
+  // Transpose [m, ldn] of the gathered cost.
+  void gather_transpose() { transpose_cols(C.p, CT.get((size_t)m * ldn), 0, m); }
 
   // Gather the compacted cost [n, ldm] (zero padded) and, if wanted, its transpose [m, ldn].
   void gather(const T* Cp, int64_t sn, int64_t sm, bool transpose, bool par, int nt) {
@@ -394,13 +411,7 @@ struct Problem {
     });
     if (!transpose) return;
     T* XT = CT.get((size_t)m * ldn);
-    pfor(par, nt, m, 64, [&](int c0, int c1) {
-      for (int j = c0; j < c1; ++j) {
-        T* dst = XT + (int64_t)j * ldn;
-        for (int i = 0; i < n; ++i) dst[i] = X[(int64_t)i * ldm + j];
-        for (int i = n; i < ldn; ++i) dst[i] = T(0);
-      }
-    });
+    pfor(par, nt, m, 64, [&](int c0, int c1) { transpose_cols(X, XT, c0, c1); });
   }
 };
 
