@@ -214,3 +214,64 @@ def test_compiled_loss_fullgraph():
     (g_e,) = torch.autograd.grad(loss_e, model.weight)
     torch.testing.assert_close(loss_c, loss_e)
     torch.testing.assert_close(g_c, g_e)
+
+
+# ----------------------------------------------------------------------------- eager path
+def _op_only(monkeypatch):
+    """Force every call through the custom ops (as under tracing)."""
+    monkeypatch.setattr(optical_kernels.ops, "_eager", lambda *ts: False)
+
+
+@pytest.mark.parametrize("grad", ["envelope", "implicit", "unrolled"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_eager_path_matches_custom_op(monkeypatch, grad, fused):
+    """Eager calls on plain tensors skip the custom op's Python wrapper (ops._eager): values,
+    gradients of x and y, and the outputs are those of the op path, bit for bit."""
+    backend = use_fused_reference(monkeypatch) if fused else "cpu"
+    x, y, xm, ym = random_problem(3, 7, 5, 4, seed=11, requires_grad=True)
+    w = torch.randn(3, dtype=F64, generator=torch.Generator().manual_seed(2))
+
+    def run():
+        res = ok.solve_sample(x, y, x_mask=xm, y_mask=ym, eps=0.1, max_iter=30, tol=0.0,
+                              grad=grad, backend=backend)  # fmt: skip
+        loss = (res.value * w).sum() + res.value_linear.sum()
+        return res, torch.autograd.grad(loss, (x, y))
+
+    calls = []
+    name = "_EagerSample" if fused else "_EagerDense"
+    real = getattr(optical_kernels.ops, name).apply
+
+    class Spy(getattr(optical_kernels.ops, name)):
+        @classmethod
+        def apply(cls, *args):
+            calls.append(1)
+            return real(*args)
+
+    monkeypatch.setattr(optical_kernels.ops, name, Spy)
+    r1, g1 = run()
+    assert calls, "the eager path was not taken"
+    _op_only(monkeypatch)
+    calls.clear()
+    r2, g2 = run()
+    assert not calls
+    for t1, t2 in [(r1.value, r2.value), (r1.value_linear, r2.value_linear), *zip(g1, g2),
+                   *zip(r1.potentials, r2.potentials), (r1.n_iters, r2.n_iters)]:  # fmt: skip
+        assert torch.equal(t1, t2)
+
+
+def test_eager_path_refuses_double_backward():
+    x, y, xm, ym = random_problem(2, 4, 3, 3, seed=1, requires_grad=True)
+    loss = ok.sinkhorn_loss(x, y, x_mask=xm, y_mask=ym, eps=0.2, backend="cpu")
+    (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(gx.sum(), x)
+
+
+def test_eager_path_not_taken_for_fake_tensors_or_functorch():
+    assert optical_kernels.ops._eager(torch.zeros(2))
+    assert optical_kernels.ops._eager(torch.nn.Parameter(torch.zeros(2)))
+    with FakeTensorMode():
+        assert not optical_kernels.ops._eager(torch.empty(2))
+    seen = []
+    torch.func.grad(lambda t: seen.append(optical_kernels.ops._eager(t)) or t.sum())(torch.ones(2))
+    assert seen == [False]

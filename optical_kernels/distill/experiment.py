@@ -515,7 +515,7 @@ def main(argv=None) -> int:
             from .results import read_results
 
             rows = rows + [r for r in read_results(args.floors) if r["kind"] == "floor"]
-            meta["floors_from"] = str(args.floors)
+            meta["floors_from"] = args.floors.name  # a file name, not this machine's path
         p = write_outputs(rows, diffs, args.results, meta)
         print(f"wrote {p} and {table_path(p)} ({len(rows)} rows)")
     print(f"runs trained {done['trained']}, skipped (finished) {done['skipped']}")
