@@ -353,13 +353,19 @@ struct Problem {
     T* LA = la.get(lv);
     T* LB = lb.get(lv);
     for (int i = 0; i < lv; ++i) A[i] = Bw[i] = LA[i] = LB[i] = T(0);
+    // log a, log b: one libm call per distinct run of equal weights (uniform weights, the
+    // common case, need one), the same value bit for bit
+    T prev = T(-1), lg = T(0);
     for (int i = 0; i < n; ++i) {
       A[i] = ap[ri[i] * san];
-      LA[i] = std::log(A[i]);
+      if (A[i] != prev) lg = std::log(prev = A[i]);
+      LA[i] = lg;
     }
+    prev = T(-1);
     for (int j = 0; j < m; ++j) {
       Bw[j] = bp[ci[j] * sbm];
-      LB[j] = std::log(Bw[j]);
+      if (Bw[j] != prev) lg = std::log(prev = Bw[j]);
+      LB[j] = lg;
     }
     return true;
   }
