@@ -217,7 +217,7 @@ void Forward<T>::solve(int k, bool par, int nt) {
         if (m >= L) {  // whole vectors inside the valid columns, then the scalar tail
           V mn = S::load(x);
           for (j = L; j + L <= m; j += L) mn = S::vmin(mn, S::load(x + j));
-          for (int k = 0; k < L; ++k) fb0 = std::min(fb0, mn[k]);
+          for (int q = 0; q < L; ++q) fb0 = std::min(fb0, mn[q]);
         }
         for (; j < m; ++j) fb0 = std::min(fb0, x[j]);
       }

@@ -166,7 +166,7 @@ LOG_DOMAIN = False
 #: ``True``: the forward loop ends at an exact fixed point of the scaling iteration (with
 #: ``tol=0`` and constant ε, an iteration that reproduces its state bit for bit makes every
 #: later one repeat it; the outputs are those of all ``max_iter`` iterations, bit for bit).
-#: ``False`` computes every iteration. For measurement/testing (docs/design.md §4).
+#: ``False`` computes every iteration. For measurement/testing (docs/design.md §5).
 FIXED_POINT_EXIT = True
 
 
