@@ -240,11 +240,16 @@ def _grads(ctx, gv: Tensor | None, gvl: Tensor | None, like: Tensor) -> tuple[Te
     return contract.grad_weights(gv, gvl, like.shape[0], like.dtype, like.device)
 
 
-def _backward_dense(ctx, df, dg, gv, gvl, *_):  # noqa: ANN001, ANN002, ANN202
+def _dense_vjp(ctx, gv, gvl, backward_fn) -> tuple:  # noqa: ANN001
+    """The dense op's autograd formula; ``backward_fn``: the backward op or its eager twin."""
     C, a, b, *outs = ctx.saved_tensors
     gv, gvl = _grads(ctx, gv, gvl, C)
-    dC = sinkhorn_backward_op(C, a, b, *outs, gv, gvl, *ctx.scalars)
+    dC = backward_fn(C, a, b, *outs, gv, gvl, *ctx.scalars)
     return (dC,) + (None,) * (2 + len(ctx.scalars))
+
+
+def _backward_dense(ctx, df, dg, gv, gvl, *_):  # noqa: ANN001, ANN002, ANN202
+    return _dense_vjp(ctx, gv, gvl, sinkhorn_backward_op)
 
 
 sinkhorn_op.register_autograd(_backward_dense, setup_context=_setup_dense)
@@ -353,14 +358,17 @@ def _setup_sample(ctx, inputs, output) -> None:  # noqa: ANN001
     ctx.mark_non_differentiable(*(output[i] for i in (0, 1, 4, 5, 6, 7)))
 
 
-def _backward_sample(ctx, df, dg, gv, gvl, *_):  # noqa: ANN001, ANN002, ANN202
+def _sample_vjp(ctx, gv, gvl, backward_fn) -> tuple:  # noqa: ANN001
+    """The sample op's autograd formula; ``backward_fn``: the backward op or its eager twin."""
     x, y, a, b, *outs = ctx.saved_tensors
     gv, gvl = _grads(ctx, gv, gvl, a)
     need_dy = bool(ctx.needs_input_grad[1])
-    dx, dy = sinkhorn_sample_backward_op(
-        x, y, a, b, *outs, gv, gvl, need_dy, ctx.cost, *ctx.scalars
-    )
+    dx, dy = backward_fn(x, y, a, b, *outs, gv, gvl, need_dy, ctx.cost, *ctx.scalars)
     return (dx, dy if need_dy else None) + (None,) * (3 + len(ctx.scalars))
+
+
+def _backward_sample(ctx, df, dg, gv, gvl, *_):  # noqa: ANN001, ANN002, ANN202
+    return _sample_vjp(ctx, gv, gvl, sinkhorn_sample_backward_op)
 
 
 sinkhorn_sample_op.register_autograd(_backward_sample, setup_context=_setup_sample)
@@ -408,10 +416,7 @@ class _EagerDense(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, df, dg, gv, gvl, *_):  # noqa: ANN001, ANN002, ANN205
-        C, a, b, *outs = ctx.saved_tensors
-        gv, gvl = _grads(ctx, gv, gvl, C)
-        dC = _EagerDenseBackward.apply(C, a, b, *outs, gv, gvl, *ctx.scalars)
-        return (dC,) + (None,) * (2 + len(ctx.scalars))
+        return _dense_vjp(ctx, gv, gvl, _EagerDenseBackward.apply)
 
 
 class _EagerSampleBackward(torch.autograd.Function):
@@ -433,13 +438,7 @@ class _EagerSample(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, df, dg, gv, gvl, *_):  # noqa: ANN001, ANN002, ANN205
-        x, y, a, b, *outs = ctx.saved_tensors
-        gv, gvl = _grads(ctx, gv, gvl, a)
-        need_dy = bool(ctx.needs_input_grad[1])
-        dx, dy = _EagerSampleBackward.apply(
-            x, y, a, b, *outs, gv, gvl, need_dy, ctx.cost, *ctx.scalars
-        )
-        return (dx, dy if need_dy else None) + (None,) * (3 + len(ctx.scalars))
+        return _sample_vjp(ctx, gv, gvl, _EagerSampleBackward.apply)
 
 
 def run(
