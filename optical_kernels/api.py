@@ -17,6 +17,7 @@ import math
 import os
 from collections.abc import Sequence
 from numbers import Integral, Real
+from typing import NamedTuple
 
 import torch
 
@@ -25,7 +26,7 @@ from . import numerics as _num
 from .config import GRAD_MODES, SolverConfig, SolverOut
 from .convergence import warn_if_unconverged
 from .costs import COSTS, centre, check_point_shapes, cost_matrix
-from .ops import run
+from .ops import point_cost, run
 from .result import OTResult
 
 OBJECTIVES = ("linear", "entropic", "divergence")
@@ -75,12 +76,19 @@ def _check_cost_finite(C: torch.Tensor, points: tuple[tuple[str, torch.Tensor], 
     replaces two over x, y [B, ·, d]; the exact per-argument test runs only on failure."""
     if not _check_finite_enabled(C) or C.numel() == 0 or _all_finite(C):
         return
+    _raise_cost_nonfinite(C.dtype, points)
+
+
+def _raise_cost_nonfinite(
+    dtype: torch.dtype, points: tuple[tuple[str, torch.Tensor], ...]
+) -> None:
+    """The error for a non-finite cost: the argument that holds NaN/Inf, else an overflow."""
     for name, t in points:
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or Inf values")
     raise ValueError(
         f"the cost matrix overflows: {' and '.join(n for n, _ in points)} are finite but too "
-        f"large for {C.dtype}; rescale them"
+        f"large for {dtype}; rescale them"
     )
 
 
@@ -189,20 +197,21 @@ def _weights(
     balanced: bool,
 ) -> torch.Tensor:
     """Weights [B, k] in ``dtype``: 0 at masked positions, renormalised if balanced."""
+    if w is None:  # uniform over valid points: 1/k, or mask / (number valid); 0 if none valid
+        if mask is None:
+            return torch.full(shape, 1.0, dtype=dtype, device=device).div_(max(shape[-1], 1))
+        ones = mask.to(dtype)  # a count of 0/1 values is >= 1 when not 0: the same quotient
+        return ones.div_(ones.sum(-1, keepdim=True).clamp_min_(1.0))
+    w = _float_tensor(name, w)
+    if tuple(w.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(w.shape)}")
+    if w.device != device:
+        raise ValueError(f"{name} is on {w.device} but the points are on {device}")
+    if _check_finite_enabled(w) and bool((w < 0).any()):
+        raise ValueError(f"{name} must be non-negative")
     valid = torch.ones(shape, dtype=torch.bool, device=device) if mask is None else mask
-    given = w is not None
-    if not given:
-        w = valid.to(dtype)
-    else:
-        w = _float_tensor(name, w)
-        if tuple(w.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(w.shape)}")
-        if w.device != device:
-            raise ValueError(f"{name} is on {w.device} but the points are on {device}")
-        if _check_finite_enabled(w) and bool((w < 0).any()):
-            raise ValueError(f"{name} must be non-negative")
-        w = torch.where(valid, w.detach().to(dtype), 0.0)
-    if balanced or not given:  # default weights are uniform probability vectors
+    w = torch.where(valid, w.detach().to(dtype), 0.0)
+    if balanced:  # renormalised to probability vectors
         total = w.sum(-1, keepdim=True)
         w = torch.where(total > 0, w / torch.where(total > 0, total, 1.0), 0.0)
     return w
@@ -373,7 +382,7 @@ def _solve_points_raw(
             ys = torch.where(y_valid[..., None], ys, 0.0)
         return run(backend_name, cfg, x=xs, y=ys, cost=cost, a=a, b=b), None
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    C = _masked_cost(x, y, x_valid, y_valid, cost, work)
+    C = _masked_cost(x, y, x_valid, y_valid, cost, work, backend_name)
     if cost == "cosine":  # C ∈ [0, 2] already: no shift needed
         return run(backend_name, cfg, C=C, a=a, b=b), C
     valid = x_valid[:, :, None] & y_valid[:, None, :]
@@ -410,10 +419,19 @@ def _masked_cost(
     y_valid: torch.Tensor,
     cost: str,
     work: torch.dtype,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Differentiable C [B, n, m] in the working dtype, 0 at padded entries (x, y checked
-    for NaN/Inf through C)."""
-    C = cost_matrix(x.to(work), y.to(work), cost, x_valid, y_valid)
+    for NaN/Inf through C). A backend that computes point costs itself (the ``cpu`` one,
+    :class:`~optical_kernels.backends.contract.PointCostBackend`) does it in one pass."""
+    xw, yw = x.to(work), y.to(work)
+    mod = None if torch.compiler.is_compiling() else _backends.point_cost_backend(backend)
+    if mod is not None and mod.supports_point_cost(cost, xw, yw):
+        C, finite = point_cost(backend.partition(">")[0], xw, yw, cost, x_valid, y_valid)
+        if _check_finite_enabled(C) and not bool(finite):
+            _raise_cost_nonfinite(C.dtype, (("x", x), ("y", y)))
+        return C
+    C = cost_matrix(xw, yw, cost, x_valid, y_valid)
     _check_cost_finite(C.detach(), (("x", x), ("y", y)))
     if _all_valid_cpu(C, x_valid, y_valid):  # the masking below would be the identity
         return C.contiguous()
@@ -536,6 +554,42 @@ def solve_sample(
         cg_max_iter=cg_max_iter,
         cg_tol=cg_tol,
     )
+    s = _solve_sample(x, y, a, b, x_mask, y_mask, cost, cfg, objective, backend)
+    res = _result(s.out, s.value, cfg, s.a, s.b, s.C, s.unbatched)
+    if s.C is None:  # fused backend: plan() recomputes C on demand
+        xd, yd, xv, yv, work = s.x.detach(), s.y.detach(), s.a > 0, s.b > 0, s.a.dtype
+        res._cost = lambda: _masked_cost(xd, yd, xv, yv, s.cost, work)
+    return res
+
+
+class _Solved(NamedTuple):
+    """What :func:`_solve_sample` hands to :func:`solve_sample` / :func:`sinkhorn_loss`."""
+
+    value: torch.Tensor  # [B] the objective (differentiable)
+    out: SolverOut
+    a: torch.Tensor  # [B, n] weights as solved
+    b: torch.Tensor
+    C: torch.Tensor | None  # the cost solved on, when materialised
+    unbatched: bool
+    x: torch.Tensor  # the points as solved (batched, promoted)
+    y: torch.Tensor
+    cost: str
+
+
+def _solve_sample(
+    x: object,
+    y: object,
+    a: object,
+    b: object,
+    x_mask: object,
+    y_mask: object,
+    cost: object,
+    cfg: SolverConfig,
+    objective: str,
+    backend: str,
+) -> _Solved:
+    """The checked solve behind :func:`solve_sample` and :func:`sinkhorn_loss` (the loss
+    needs only the value: it skips building an :class:`OTResult`)."""
     cost = _choice("cost", cost, COSTS)
     x, y, unbatched = _points(x, y)
     with _no_autocast(x.device):
@@ -562,12 +616,8 @@ def solve_sample(
             iters = torch.stack([o.n_iters for o in (out, out_xx, out_yy)]).amax(0)
             out = out._replace(n_iters=torch.where(nonempty, iters, 0),
                                err=torch.stack(errs).amax(0))  # fmt: skip
-    res = _result(out, value, cfg, aw, bw, C, unbatched)
     warn_if_unconverged(errs, cfg, cost)
-    if C is None:  # fused backend: plan() recomputes C on demand
-        xd, yd = x.detach(), y.detach()
-        res._cost = lambda: _masked_cost(xd, yd, xv, yv, cost, work)
-    return res
+    return _Solved(value, out, aw, bw, C, unbatched, x, y, cost)
 
 
 def solve(
@@ -663,14 +713,7 @@ def sinkhorn_loss(
                              x_mask=student_attention_mask, y_mask=teacher_attention_mask)
     """
     reduction = _choice("reduction", reduction, REDUCTIONS)
-    res = solve_sample(
-        x,
-        y,
-        a,
-        b,
-        x_mask=x_mask,
-        y_mask=y_mask,
-        cost=cost,
+    cfg, objective = _config(
         eps=eps,
         objective=objective,
         grad=grad,
@@ -683,11 +726,13 @@ def sinkhorn_loss(
         cg_max_iter=cg_max_iter,
         cg_tol=cg_tol,
     )
+    s = _solve_sample(x, y, a, b, x_mask, y_mask, cost, cfg, objective, backend)
+    value = _unbatch(s.value, s.unbatched)
     if reduction == "none":
-        return res.value
-    if reduction == "sum" or res.value.dim() == 0:
-        return res.value.sum()
-    return res.value.sum() / max(res.value.shape[0], 1)  # B = 0 gives 0, not NaN
+        return value
+    if reduction == "sum" or value.dim() == 0:
+        return value.sum()
+    return value.sum() / max(value.shape[0], 1)  # B = 0 gives 0, not NaN
 
 
 class SinkhornLoss(torch.nn.Module):

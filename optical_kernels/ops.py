@@ -463,3 +463,121 @@ def run(
     else:
         outs = sinkhorn_sample_op(x, y, a, b, cost, backend, *op_args(cfg))
     return _unpack(*outs)
+
+
+# ----------------------------------------------------------------- point cost (backend's own C)
+# A dense backend that computes the cost matrix itself (contract.PointCostBackend: the cpu
+# backend's fused cosine / dot cost) is wrapped here like the solver: a custom op with its fake
+# and autograd formula for traced calls, autograd Functions over the same implementation for
+# eager calls on plain tensors (the same bits; tests/test_cpu_cost.py).
+
+
+@torch.library.custom_op("optical_kernels::point_cost", mutates_args=())
+def point_cost_op(
+    x: Tensor, y: Tensor, x_valid: Tensor, y_valid: Tensor, cost: str, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(C [B, n, m], saved [B, n], saved [B, m], finite [] bool)`` by backend ``backend``."""
+    C, (s1, s2), finite = backends.load(backend).point_cost_forward(x, y, x_valid, y_valid, cost)
+    return C, s1, s2, torch.tensor(finite)
+
+
+@point_cost_op.register_fake
+def _(x, y, x_valid, y_valid, cost, backend):  # noqa: ANN001, ANN202
+    B, n, m = x.shape[0], x.shape[1], y.shape[1]
+    flag = x.new_empty((), dtype=torch.bool)
+    return x.new_empty(B, n, m), x.new_empty(B, n), x.new_empty(B, m), flag
+
+
+def _point_cost_grads(
+    G: Tensor, x: Tensor, y: Tensor, xv: Tensor, yv: Tensor, C: Tensor, s1: Tensor, s2: Tensor,
+    cost: str, backend: str, need_dx: bool, need_dy: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    dx, dy = backends.load(backend).point_cost_backward(
+        G, x, y, xv, yv, C, (s1, s2), cost, need_dx, need_dy
+    )
+    return (dx if dx is not None else x.new_empty(0)), (dy if dy is not None else y.new_empty(0))
+
+
+@torch.library.custom_op("optical_kernels::point_cost_backward", mutates_args=())
+def point_cost_backward_op(
+    G: Tensor, x: Tensor, y: Tensor, x_valid: Tensor, y_valid: Tensor, C: Tensor, s1: Tensor,
+    s2: Tensor, cost: str, backend: str, need_dx: bool, need_dy: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``(∂L/∂x, ∂L/∂y)``, an empty tensor for a gradient not asked for."""
+    return _point_cost_grads(G, x, y, x_valid, y_valid, C, s1, s2, cost, backend, need_dx,
+                             need_dy)  # fmt: skip
+
+
+@point_cost_backward_op.register_fake
+def _(G, x, y, *args):  # noqa: ANN001, ANN002, ANN202
+    need_dx, need_dy = args[-2:]
+    return (torch.empty_like(x) if need_dx else x.new_empty(0)), (
+        torch.empty_like(y) if need_dy else y.new_empty(0)
+    )
+
+
+def _setup_point_cost(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, y, xv, yv, cost, backend = inputs
+    C, s1, s2, flag = output
+    ctx.cost, ctx.backend = cost, backend
+    ctx.save_for_backward(x, y, xv, yv, C, s1, s2)
+    ctx.mark_non_differentiable(s1, s2, flag)
+
+
+def _point_cost_vjp(ctx, G, backward_fn) -> tuple:  # noqa: ANN001
+    """The point cost's autograd formula; ``backward_fn``: the backward op or its eager twin."""
+    x, y, xv, yv, C, s1, s2 = ctx.saved_tensors
+    need_dx, need_dy = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+    dx, dy = backward_fn(G, x, y, xv, yv, C, s1, s2, ctx.cost, ctx.backend, need_dx, need_dy)
+    return (dx if need_dx else None), (dy if need_dy else None), None, None, None, None
+
+
+def _backward_point_cost(ctx, G, *_):  # noqa: ANN001, ANN002, ANN202
+    return _point_cost_vjp(ctx, G, point_cost_backward_op)
+
+
+point_cost_op.register_autograd(_backward_point_cost, setup_context=_setup_point_cost)
+point_cost_backward_op.register_autograd(_no_double_backward, setup_context=_setup_nothing)
+
+
+class _EagerPointCostBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *args):  # noqa: ANN001, ANN002, ANN205
+        return _point_cost_grads(*args)
+
+    backward = staticmethod(_no_double_backward)
+
+
+class _EagerPointCost(torch.autograd.Function):
+    """``optical_kernels::point_cost`` for eager plain-tensor calls; returns C only, the
+    finiteness flag goes to the list ``finite``."""
+
+    @staticmethod
+    def forward(ctx, x, y, xv, yv, cost, backend, finite):  # noqa: ANN001, ANN205
+        C, (s1, s2), ok = backends.load(backend).point_cost_forward(x, y, xv, yv, cost)
+        finite.append(ok)
+        ctx.cost, ctx.backend = cost, backend
+        ctx.save_for_backward(x, y, xv, yv, C, s1, s2)
+        return C
+
+    @staticmethod
+    def backward(ctx, G):  # noqa: ANN001, ANN205
+        return (*_point_cost_vjp(ctx, G, _EagerPointCostBackward.apply), None)
+
+
+def point_cost(
+    backend: str, x: Tensor, y: Tensor, cost: str, x_valid: Tensor, y_valid: Tensor
+) -> tuple[Tensor, bool | Tensor]:
+    """``(C [B, n, m], finite)`` computed by ``backend`` (a
+    :class:`~optical_kernels.backends.contract.PointCostBackend`): the cost between x [B, n, d]
+    and y [B, m, d], 0 where ``x_valid`` [B, n] / ``y_valid`` [B, m] is False, differentiable
+    in x and y. ``finite`` (False: the unmasked cost had a NaN or Inf entry) is a bool for
+    eager calls, a 0-dim bool tensor from the custom op otherwise."""
+    x, y = x.contiguous(), y.contiguous()
+    xv, yv = x_valid.to(torch.bool).contiguous(), y_valid.to(torch.bool).contiguous()
+    if _eager(x, y):
+        finite: list[bool] = []
+        C = _EagerPointCost.apply(x, y, xv, yv, cost, backend, finite)
+        return C, finite[0]
+    C, _, _, flag = point_cost_op(x, y, xv, yv, cost, backend)
+    return C, flag

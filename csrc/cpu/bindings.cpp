@@ -17,9 +17,13 @@ template <class T>
 void forward_impl(const FwdArgs& A);
 template <class T>
 void backward_impl(const BwdArgs& A);
+bool cost_forward_run(const CostParams& p);
+void cost_backward_run(const CostParams& p);
+bool cost_gemm_selftest(int64_t gemm, int dtype);
 }  // namespace okc
 
 namespace py = pybind11;
+using okc::CostParams;
 using okc::CpuParams;
 
 namespace {
@@ -109,6 +113,38 @@ void backward(const CpuParams& p) {
     okc::backward_impl<float>(A);
   else
     okc::backward_impl<double>(A);
+}
+
+void check_cost_params(const CostParams& p, bool backward) {
+  auto bad = [&](const std::string& s) {
+    throw std::invalid_argument(std::string("optical_kernels._cpu.cost_") +
+                                (backward ? "backward" : "forward") + ": " + s);
+  };
+  if (p.dtype != okc::kF32 && p.dtype != okc::kF64) bad("dtype must be DType.F32 or DType.F64");
+  if (p.cost != okc::kCosine && p.cost != okc::kDot) bad("cost must be Cost.COSINE or Cost.DOT");
+  if (p.B < 0 || p.n < 0 || p.m < 0 || p.d < 0) bad("negative size");
+  if (p.num_threads < 1) bad("num_threads must be >= 1");
+  if (!(p.norm_floor >= 0)) bad("norm_floor must be >= 0");
+  if (p.B == 0 || p.n == 0 || p.m == 0) return;
+  if ((p.d > 0 && (!p.x || !p.y)) || !p.C) bad("null x / y / C pointer");
+  if (p.cost == okc::kCosine && (!p.x_scale || !p.y_scale)) bad("cosine needs x_scale, y_scale");
+  if (backward && !p.G) bad("null G pointer");
+}
+
+// C [B, n, m] (and the inverse norms) into the caller's buffers; False when C had a
+// non-finite entry before masking (the caller names the argument).
+bool cost_forward(const CostParams& p) {
+  check_cost_params(p, false);
+  if (p.B == 0 || p.n == 0 || p.m == 0) return true;
+  py::gil_scoped_release release;
+  return okc::cost_forward_run(p);
+}
+
+void cost_backward(const CostParams& p) {
+  check_cost_params(p, true);
+  if (p.B == 0 || p.n == 0 || p.m == 0 || (!p.dx && !p.dy)) return;
+  py::gil_scoped_release release;
+  okc::cost_backward_run(p);
 }
 
 template <size_t N>
@@ -210,6 +246,35 @@ PYBIND11_MODULE(OKC_MODULE, mod) {
           "Batched Sinkhorn forward (scaling form with absorption) into the caller's buffers.");
   mod.def("backward", &backward, py::arg("params"),
           "Batched Sinkhorn backward (dC) into the caller's buffer.");
+  py::class_<CostParams>(mod, "CostParams", py::module_local(),
+                         "One point-cost epilogue/prologue call (cost.cpp): raw pointers (int), sizes.")
+      .def(py::init<>())
+      .def_readwrite("B", &CostParams::B)
+      .def_readwrite("n", &CostParams::n)
+      .def_readwrite("m", &CostParams::m)
+      .def_readwrite("d", &CostParams::d)
+      .def_readwrite("dtype", &CostParams::dtype)
+      .def_readwrite("cost", &CostParams::cost)
+      .def_readwrite("x", &CostParams::x)
+      .def_readwrite("y", &CostParams::y)
+      .def_readwrite("x_valid", &CostParams::x_valid)
+      .def_readwrite("y_valid", &CostParams::y_valid)
+      .def_readwrite("C", &CostParams::C)
+      .def_readwrite("x_scale", &CostParams::x_scale)
+      .def_readwrite("y_scale", &CostParams::y_scale)
+      .def_readwrite("G", &CostParams::G)
+      .def_readwrite("dx", &CostParams::dx)
+      .def_readwrite("dy", &CostParams::dy)
+      .def_readwrite("gemm", &CostParams::gemm)
+      .def_readwrite("norm_floor", &CostParams::norm_floor)
+      .def_readwrite("num_threads", &CostParams::num_threads);
+  mod.def("cost_forward", &cost_forward, py::arg("params"),
+          "Point cost C [B, n, m] (cosine or dot) into the caller's buffers; False if C had a "
+          "non-finite entry.");
+  mod.def("cost_backward", &cost_backward, py::arg("params"),
+          "Chain rule of cost_forward: dx, dy from G = dL/dC into the caller's buffers.");
+  mod.def("cost_gemm_selftest", &okc::cost_gemm_selftest, py::arg("gemm"), py::arg("dtype"),
+          "Whether the BLAS ?gemm_ at this address agrees with the built-in GEMM.");
   mod.def("build_info", &build_info, "Compiler options the module was built with.");
   mod.attr("ISA") = OKC_ISA;
   mod.attr("SIMD_BYTES") = okc::kVecBytes;

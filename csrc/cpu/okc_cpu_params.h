@@ -58,3 +58,25 @@ struct CpuParams {
 };
 
 }  // namespace okc
+
+namespace okc {
+
+// One call of the fused point cost (cost.cpp), forward or backward, bound as
+// optical_kernels._cpu_<isa>.CostParams and filled by backends/cpu_cost.py. Every tensor is
+// contiguous in `dtype` (masks: bool); pointers are raw host addresses, 0 = absent.
+struct CostParams {
+  int B = 0, n = 0, m = 0, d = 0;
+  int dtype = kF32;                    // kF32 or kF64
+  int cost = kCosine;                  // kCosine or kDot
+  int64_t x = 0, y = 0;                // [B, n, d], [B, m, d]
+  int64_t x_valid = 0, y_valid = 0;    // [B, n], [B, m] bool, or 0: every point valid
+  int64_t C = 0;                       // [B, n, m]: forward output, backward input
+  int64_t x_scale = 0, y_scale = 0;    // cosine: [B, n], [B, m] inverse norms (fwd out, bwd in)
+  int64_t G = 0;                       // backward: [B, n, m] ∂L/∂C
+  int64_t dx = 0, dy = 0;              // backward out [B, n, d], [B, m, d]; 0: not wanted
+  int64_t gemm = 0;                    // address of BLAS sgemm_/dgemm_ for dtype; 0: built-in
+  double norm_floor = 1e-8;            // cosine: ‖p‖ below this has no direction (costs.py)
+  int num_threads = 1;
+};
+
+}  // namespace okc

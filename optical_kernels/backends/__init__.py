@@ -168,6 +168,14 @@ def fuses_cost(name: str) -> bool:
     return hasattr(load(name.partition(">")[0]), "forward_sample")
 
 
+def point_cost_backend(name: str) -> ModuleType | None:
+    """The module of backend (or route) ``name``'s primary when it computes cost matrices
+    from points itself (:class:`~optical_kernels.backends.contract.PointCostBackend`), else
+    ``None``."""
+    mod = load(name.partition(">")[0])
+    return mod if callable(getattr(mod, "point_cost_forward", None)) else None
+
+
 def _supports(name: str, device: _torch.device, dtype: _torch.dtype) -> bool:
     mod = load(name)
     check = getattr(mod, "supports", None)

@@ -65,6 +65,8 @@ from ..costs import COSTS
 REQUIRED = ("forward", "backward", "is_available")
 #: Functions a backend that fuses the cost defines (both or neither).
 FUSED = ("forward_sample", "backward_sample")
+#: Functions a dense backend that computes point costs itself defines (all or none).
+POINT_COST = ("supports_point_cost", "point_cost_forward", "point_cost_backward")
 #: Point dtypes the fused backends read.
 POINT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -127,15 +129,53 @@ class FusedBackend(Backend, Protocol):
         ...
 
 
+@runtime_checkable
+class PointCostBackend(Backend, Protocol):
+    """A dense backend that also computes the cost matrix from points itself: the api then
+    solves on that C instead of the torch cost of :func:`optical_kernels.costs.cost_matrix`
+    (:func:`optical_kernels.ops.point_cost` wraps the pair for autograd and tracing)."""
+
+    def supports_point_cost(self, cost: str, *tensors: Tensor) -> bool:
+        """Whether :meth:`point_cost_forward` takes these points (cost, device, dtype, no
+        tracing)."""
+        ...
+
+    def point_cost_forward(
+        self, x: Tensor, y: Tensor, x_valid: Tensor, y_valid: Tensor, cost: str
+    ) -> tuple[Tensor, tuple[Tensor, Tensor], bool]:
+        """``(C [B, n, m], saved, finite)`` from contiguous x [B, n, d], y [B, m, d] and bool
+        masks [B, n], [B, m]: C is 0 at padded entries; ``saved`` ([B, n], [B, m] in x's
+        dtype) is handed back to :meth:`point_cost_backward`; ``finite`` is False when the
+        unmasked cost had a NaN or Inf entry."""
+        ...
+
+    def point_cost_backward(
+        self,
+        G: Tensor,
+        x: Tensor,
+        y: Tensor,
+        x_valid: Tensor,
+        y_valid: Tensor,
+        C: Tensor,
+        saved: tuple[Tensor, Tensor],
+        cost: str,
+        need_dx: bool,
+        need_dy: bool,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``(∂L/∂x or None, ∂L/∂y or None)`` from ``G = ∂L/∂C`` [B, n, m]."""
+        ...
+
+
 def check_module(mod: ModuleType, name: str) -> None:
     """Raise ``TypeError`` naming what ``mod`` (backend module ``name``) lacks or gets wrong:
-    a missing required function, only one of the fused pair, a ``supports`` that is not
-    callable, a ``MAX_SIZE`` that is not a positive int."""
+    a missing required function, only one of the fused or point-cost pair, a ``supports``
+    that is not callable, a ``MAX_SIZE`` that is not a positive int."""
     problems = [f"missing {f}()" for f in REQUIRED if not callable(getattr(mod, f, None))]
-    fused = [f for f in FUSED if callable(getattr(mod, f, None))]
-    if len(fused) == 1:
-        other = FUSED[1 - FUSED.index(fused[0])]
-        problems.append(f"defines {fused[0]}() but not {other}() (the fused pair goes together)")
+    for group, what in ((FUSED, "the fused pair"), (POINT_COST, "the point-cost functions")):
+        have = [f for f in group if callable(getattr(mod, f, None))]
+        if have and len(have) < len(group):
+            missing = ", ".join(f"{f}()" for f in group if f not in have)
+            problems.append(f"defines {have[0]}() but not {missing} ({what} belong together)")
     if hasattr(mod, "supports") and not callable(mod.supports):
         problems.append("supports is not callable")
     limit = getattr(mod, "MAX_SIZE", None)

@@ -8,7 +8,8 @@ variant the CPU supports is loaded (:func:`supported_isas`), or the one named by
 
 Implements the backend contract of :mod:`optical_kernels.backends.contract` (``forward``,
 ``backward``, ``is_available``) for CPU tensors in float32 and float64 (float16/bfloat16 are
-upcast to float32). The C++ module receives raw data pointers, sizes and element strides;
+upcast to float32), and ``PointCostBackend`` (``point_cost_forward`` / ``_backward``: the
+cosine and dot cost matrices from points, csrc/cpu/cost.cpp; see the section at the end). The C++ module receives raw data pointers, sizes and element strides;
 this wrapper checks the inputs, allocates every output with torch and calls into C++ with the
 GIL released.
 
@@ -39,15 +40,20 @@ plain log-domain iterations (``LOG_DOMAIN = True``), ~5× in the unrolled revers
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib
 import importlib.util
 import os
+import sys
+import warnings
+from pathlib import Path
 
 import torch
 
 from ..config import SolverConfig, SolverOut
-from ..constants import DType, grad_code
+from ..constants import Cost, DType, grad_code
+from ..costs import NORM_FLOOR
 from . import contract
 
 #: ISA variants of the compiled module, best first (setup.py builds ``_cpu_<isa>`` for each).
@@ -330,3 +336,138 @@ def backward(
         _cpu.backward(p)
         del keep
     return dC
+
+
+# ------------------------------------------------------------------------- point costs
+# The cost matrix from points (csrc/cpu/cost.cpp; docs/design.md §5, PointCostBackend in
+# contract.py): per problem, while its points sit in cache, the GEMM x·yᵀ written straight into
+# C, the inverse norms, C = 1 − S σ τᵀ (cosine) or −S (dot), the finiteness flag of the unmasked
+# cost and 0 at padded entries, where the torch cost (costs.cost_matrix) spends two norm
+# reductions over the points, four elementwise passes over C and a masking ``where``. Backward,
+# from G = ∂L/∂C: the radial parts dx = c∘x, dy = e∘y (c_i = σ_i² Σ_j G_ij S_ij) and one
+# accumulating GEMM per side, dx += W·y, dy += Wᵀ·x with W = −G∘στᵀ. The GEMMs call the BLAS
+# sgemm_ / dgemm_ that torch's CPU library exports (MKL on x86 wheels), found once with ctypes
+# and checked against cost.cpp's built-in GEMM before first use (a wrong calling convention
+# gives wrong numbers there, not in training); without them, or with
+# OPTICAL_KERNELS_CPU_BLAS=0, the built-in register-blocked GEMM runs (:func:`gemm_info`).
+# Measured at S1 (B = 64, n = m = 32, d = 384, AVX-512): this beat torch's batched GEMM
+# followed by a C++ epilogue, whose extra norm pass rereads the points from memory.
+# sqeuclidean stays on the torch cost (its centring needs a second copy of the points).
+
+#: Costs :func:`point_cost_forward` computes (the others go through optical_kernels.costs).
+POINT_COSTS = ("cosine", "dot")
+#: ``0`` forces the built-in GEMM of cost.cpp (measurement and tests).
+BLAS_ENV = "OPTICAL_KERNELS_CPU_BLAS"
+_CODES = {torch.float32: int(DType.F32), torch.float64: int(DType.F64)}
+_BLAS_SYMBOLS = {torch.float32: "sgemm_", torch.float64: "dgemm_"}
+
+
+def _torch_cpu_library() -> Path | None:
+    """The shared library of torch's CPU kernels (where its BLAS symbols live)."""
+    names = {"linux": "libtorch_cpu.so", "darwin": "libtorch_cpu.dylib", "win32": "torch_cpu.dll"}
+    lib = Path(torch.__file__).parent / "lib" / names.get(sys.platform, "libtorch_cpu.so")
+    return lib if lib.exists() else None
+
+
+@functools.cache
+def _blas(dtype: torch.dtype, isa_module: object) -> tuple[int, str]:
+    """``(address of the BLAS ?gemm_ for dtype, or 0; what runs)``, resolved and checked once
+    per dtype and ISA variant."""
+    if os.environ.get(BLAS_ENV, "1").strip() == "0":
+        return 0, f"built-in GEMM ({BLAS_ENV}=0)"
+    path = _torch_cpu_library()
+    if path is None:
+        return 0, "built-in GEMM (torch's CPU library not found)"
+    sym = _BLAS_SYMBOLS[dtype]
+    try:
+        addr = ctypes.cast(getattr(ctypes.CDLL(str(path)), sym), ctypes.c_void_p).value or 0
+    except (OSError, AttributeError):
+        return 0, f"built-in GEMM ({path.name} exports no {sym})"
+    if not isa_module.cost_gemm_selftest(addr, _CODES[dtype]):  # type: ignore[attr-defined]
+        warnings.warn(
+            f"optical_kernels: {sym} of {path.name} disagrees with the built-in GEMM on a small "
+            "product; the cpu backend's point costs use the built-in GEMM (slower)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return 0, f"built-in GEMM ({sym} of {path.name} failed the self-test)"
+    return addr, f"{sym} of {path.name}"
+
+
+def gemm_info(dtype: torch.dtype = torch.float32) -> str:
+    """Which GEMM the point costs use for ``dtype`` (float32 or float64)."""
+    _require()
+    return _blas(dtype, _cpu)[1]
+
+
+def supports_point_cost(cost: str, *tensors: torch.Tensor) -> bool:
+    """Whether :func:`point_cost_forward` takes these points: a cost of :data:`POINT_COSTS`,
+    the C++ module built, CPU float32/float64 tensors, no Dynamo tracing or functorch
+    transform (those take the torch cost of optical_kernels.costs: same values to rounding)."""
+    if cost not in POINT_COSTS or _cpu is None or torch.compiler.is_compiling():
+        return False
+    try:
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return False
+    except AttributeError:  # pragma: no cover - older torch without the functorch C API
+        return False
+    return all(t.device.type == "cpu" and t.dtype in _CODES for t in tensors)
+
+
+def _cost_params(x: torch.Tensor, y: torch.Tensor, cost: str, xv: torch.Tensor, yv: torch.Tensor,
+                 C: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> object:  # fmt: skip
+    p = _cpu.CostParams()  # type: ignore[union-attr]
+    p.B, p.n, p.d = x.shape
+    p.m = y.shape[1]
+    p.dtype = _CODES[x.dtype]
+    p.cost = int(Cost.COSINE if cost == "cosine" else Cost.DOT)
+    p.x, p.y, p.x_valid, p.y_valid = x.data_ptr(), y.data_ptr(), xv.data_ptr(), yv.data_ptr()
+    p.C, p.x_scale, p.y_scale = C.data_ptr(), xs.data_ptr(), ys.data_ptr()
+    p.gemm = _blas(x.dtype, _cpu)[0]
+    p.norm_floor = NORM_FLOOR
+    p.num_threads = torch.get_num_threads()
+    return p
+
+
+def point_cost_forward(
+    x: torch.Tensor, y: torch.Tensor, x_valid: torch.Tensor, y_valid: torch.Tensor, cost: str
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], bool]:
+    """``(C [B, n, m], (σ [B, n], τ [B, m]), finite)`` from contiguous x [B, n, d],
+    y [B, m, d] of one float dtype and contiguous bool masks: the cost, 0 at padded entries,
+    the inverse norms its backward needs (cosine; unused for dot), and whether the unmasked
+    cost was finite."""
+    _require()
+    B, n, _ = x.shape
+    m = y.shape[1]
+    C = x.new_empty(B, n, m)
+    xs, ys = x.new_empty(B, n), x.new_empty(B, m)
+    p = _cost_params(x, y, cost, x_valid, y_valid, C, xs, ys)
+    finite = bool(_cpu.cost_forward(p))  # type: ignore[union-attr]
+    return C, (xs, ys), finite
+
+
+def point_cost_backward(
+    G: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_valid: torch.Tensor,
+    y_valid: torch.Tensor,
+    C: torch.Tensor,
+    saved: tuple[torch.Tensor, torch.Tensor],
+    cost: str,
+    need_dx: bool,
+    need_dy: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(∂L/∂x or None, ∂L/∂y or None)`` from ``G = ∂L/∂C`` [B, n, m] and what
+    :func:`point_cost_forward` returned (``C``, ``saved``)."""
+    _require()
+    xs, ys = saved
+    G = G.to(C.dtype).contiguous()
+    dx = torch.empty_like(x) if need_dx else None
+    dy = torch.empty_like(y) if need_dy else None
+    p = _cost_params(x, y, cost, x_valid, y_valid, C, xs, ys)
+    p.G = G.data_ptr()
+    p.dx = dx.data_ptr() if dx is not None else 0
+    p.dy = dy.data_ptr() if dy is not None else 0
+    _cpu.cost_backward(p)  # type: ignore[union-attr]
+    return dx, dy

@@ -1,0 +1,364 @@
+// Fused point costs of the CPU backend: C [B, n, m] from points x [B, n, d], y [B, m, d], and
+// its chain rule, one pass over each problem's points while they sit in cache
+// (docs/design.md §2 for the costs, §5 for this layout).
+//
+//   cosine  C_ij = 1 − (x_i·y_j) σ_i τ_j,  σ_i = 1/‖x_i‖ (0 where ‖x_i‖ < floor), τ likewise
+//   dot     C_ij = −x_i·y_j
+//
+// Forward, per problem: the inverse norms σ, τ (cosine), the GEMM x·yᵀ written straight into
+// C, then one epilogue over the small [n, m] block: the cost, the finiteness flag (taken
+// before masking, as the torch path checks C) and 0 at padded entries (x_valid, y_valid).
+// Backward, from G = ∂L/∂C (0 at padded entries):
+//
+//   cosine  ∂L/∂x_i = c_i x_i + Σ_j W_ij y_j,  W_ij = −G_ij σ_i τ_j,  c_i = σ_i² Σ_j G_ij S_ij
+//           (S = 1 − C, the cosine similarities); ∂L/∂y_j = d_j y_j + Σ_i W_ij x_i
+//   dot     W = −G, c = d = 0
+//
+// so each gradient is one scaled copy of the points and one accumulating GEMM (beta = 1).
+// The GEMMs go to the BLAS ?gemm_ that torch itself links (its address comes from Python,
+// backends/cpu_cost.py), called per problem inside the OpenMP loop over problems (one
+// thread each), or, for a batch smaller than the thread count, once per problem with
+// BLAS's own threads. Without that address a built-in register-blocked GEMM runs.
+#include "common.h"
+#include "okc_cpu_params.h"
+
+namespace okc {
+
+template <class T>
+using BlasGemm = void (*)(const char*, const char*, const int*, const int*, const int*,
+                          const T*, const T*, const int*, const T*, const int*, const T*, T*,
+                          const int*);
+
+template <class T>
+struct CostArgs {
+  int B = 0, n = 0, m = 0, d = 0, cost = kCosine;
+  const T* x = nullptr;
+  const T* y = nullptr;
+  const uint8_t* xv = nullptr;  // [B, n] or null (all valid)
+  const uint8_t* yv = nullptr;  // [B, m] or null
+  T* C = nullptr;               // forward out / backward in (the masked cost)
+  T* xs = nullptr;              // [B, n] σ (cosine): forward out, backward in
+  T* ys = nullptr;              // [B, m] τ
+  const T* G = nullptr;         // backward: [B, n, m]
+  T* dx = nullptr;              // backward: [B, n, d] or null
+  T* dy = nullptr;              // backward: [B, m, d] or null
+  BlasGemm<T> gemm = nullptr;
+  T floor = T(1e-8);
+  int num_threads = 1;
+};
+
+// ------------------------------------------------------------------------------- GEMMs
+// Row-major wrappers of the column-major BLAS call; built-in kernels where there is none.
+
+// C[n, m] (ld m) = X[n, d] · Y[m, d]ᵀ.
+template <class T>
+static void gemm_nt(const CostArgs<T>& A, const T* X, const T* Y, int n, int m, int d, T* C) {
+  if (d == 0) {  // an empty sum (BLAS needs leading dimensions >= 1)
+    std::fill(C, C + (int64_t)n * m, T(0));
+    return;
+  }
+  if (A.gemm) {
+    const T one = T(1), zero = T(0);
+    A.gemm("T", "N", &m, &n, &d, &one, Y, &d, X, &d, &zero, C, &m);
+    return;
+  }
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = S::L;
+  // 4 × 4 dot products at a time, vectors along d, one horizontal sum per entry at the end
+  auto block = [&](int i0, int ni, int j0, int nj) {
+    V acc[4][4];
+    for (int r = 0; r < 4; ++r)
+      for (int q = 0; q < 4; ++q) acc[r][q] = S::set1(T(0));
+    int k = 0;
+    for (; k + L <= d; k += L)
+      for (int r = 0; r < ni; ++r) {
+        const V xv = S::load(X + (int64_t)(i0 + r) * d + k);
+        for (int q = 0; q < nj; ++q) acc[r][q] += xv * S::load(Y + (int64_t)(j0 + q) * d + k);
+      }
+    for (int r = 0; r < ni; ++r)
+      for (int q = 0; q < nj; ++q) {
+        T s = S::hsum(acc[r][q]);
+        for (int kk = k; kk < d; ++kk) s += X[(int64_t)(i0 + r) * d + kk] * Y[(int64_t)(j0 + q) * d + kk];
+        C[(int64_t)(i0 + r) * m + j0 + q] = s;
+      }
+  };
+  for (int i = 0; i < n; i += 4)
+    for (int j = 0; j < m; j += 4) block(i, std::min(4, n - i), j, std::min(4, m - j));
+}
+
+// D[r, d] = beta·D + W[r, s] · P[s, d], W of leading dimension ldw (trans_w: W is stored
+// [s, r] and used transposed); beta is 0 or 1.
+template <class T>
+static void gemm_wp(const CostArgs<T>& A, bool trans_w, const T* W, int ldw, const T* P, int r,
+                    int s, int d, T* D, T beta) {
+  if (d == 0) return;
+  if (s == 0) {
+    if (beta == T(0)) std::fill(D, D + (int64_t)r * d, T(0));
+    return;
+  }
+  if (A.gemm) {
+    const T one = T(1);
+    A.gemm("N", trans_w ? "T" : "N", &d, &r, &s, &one, P, &d, W, &ldw, &beta, D, &d);
+    return;
+  }
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = S::L;
+  const bool acc = beta != T(0);
+  for (int i = 0; i < r; ++i) {
+    T* out = D + (int64_t)i * d;
+    int k = 0;
+    for (; k + 4 * L <= d; k += 4 * L) {
+      V a0 = S::set1(T(0)), a1 = a0, a2 = a0, a3 = a0;
+      if (acc)
+        a0 = S::load(out + k), a1 = S::load(out + k + L), a2 = S::load(out + k + 2 * L),
+        a3 = S::load(out + k + 3 * L);
+      for (int j = 0; j < s; ++j) {
+        const V w = S::set1(trans_w ? W[(int64_t)j * ldw + i] : W[(int64_t)i * ldw + j]);
+        const T* p = P + (int64_t)j * d + k;
+        a0 += w * S::load(p), a1 += w * S::load(p + L), a2 += w * S::load(p + 2 * L),
+            a3 += w * S::load(p + 3 * L);
+      }
+      S::store(out + k, a0), S::store(out + k + L, a1), S::store(out + k + 2 * L, a2),
+          S::store(out + k + 3 * L, a3);
+    }
+    for (; k < d; ++k) {
+      T sum = acc ? out[k] : T(0);
+      for (int j = 0; j < s; ++j)
+        sum += (trans_w ? W[(int64_t)j * ldw + i] : W[(int64_t)i * ldw + j]) * P[(int64_t)j * d + k];
+      out[k] = sum;
+    }
+  }
+}
+
+// Hint the rows of P [rows, d] into cache ahead of their use (they stream in while a GEMM
+// on other data runs).
+template <class T>
+static inline void prefetch_rows(const T* P, int64_t count) {
+  const char* c = reinterpret_cast<const char*>(P);
+  for (int64_t off = 0; off < count * (int64_t)sizeof(T); off += 64) __builtin_prefetch(c + off, 0, 2);
+}
+
+// D[i, :] += c_i P[i, :] for rows i < r of P, D [r, d].
+template <class T>
+static inline void add_radial(T* D, const T* P, const T* c, int r, int d) {
+  for (int i = 0; i < r; ++i) {
+    const T ci = c[i];
+    T* o = D + (int64_t)i * d;
+    const T* p = P + (int64_t)i * d;
+    for (int q = 0; q < d; ++q) o[q] += ci * p[q];
+  }
+}
+
+// -------------------------------------------------------------------------- per problem
+template <class T>
+static void inv_norms(const T* P, int rows, int d, T floor, T* out) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = S::L;
+  for (int i = 0; i < rows; ++i) {
+    const T* p = P + (int64_t)i * d;
+    V a0 = S::set1(T(0)), a1 = S::set1(T(0));
+    int k = 0;
+    for (; k + 2 * L <= d; k += 2 * L) {
+      const V u = S::load(p + k), v = S::load(p + k + L);
+      a0 += u * u, a1 += v * v;
+    }
+    for (; k + L <= d; k += L) {
+      const V u = S::load(p + k);
+      a0 += u * u;
+    }
+    T s = S::hsum(a0 + a1);
+    for (; k < d; ++k) s += p[k] * p[k];
+    const T norm = std::sqrt(s);
+    out[i] = norm < floor ? T(0) : T(1) / norm;  // NaN stays NaN: the flag below catches it
+  }
+}
+
+template <class T>
+static bool cost_problem(const CostArgs<T>& A, int k) {
+  const int n = A.n, m = A.m, d = A.d;
+  const T* X = A.x + (int64_t)k * n * d;
+  const T* Y = A.y + (int64_t)k * m * d;
+  T* C = A.C + (int64_t)k * n * m;
+  const uint8_t* xv = A.xv ? A.xv + (int64_t)k * n : nullptr;
+  const uint8_t* yv = A.yv ? A.yv + (int64_t)k * m : nullptr;
+  const bool cosine = A.cost == kCosine;
+  T* xs = cosine ? A.xs + (int64_t)k * n : nullptr;
+  T* ys = cosine ? A.ys + (int64_t)k * m : nullptr;
+  gemm_nt(A, X, Y, n, m, d, C);  // first: it streams the points in, the norms reread cache
+  if (cosine) {
+    inv_norms(X, n, d, A.floor, xs);
+    inv_norms(Y, m, d, A.floor, ys);
+  }
+  bool finite = true;
+  for (int i = 0; i < n; ++i) {
+    T* c = C + (int64_t)i * m;
+    const bool vi = !xv || xv[i];
+    if (cosine) {
+      const T si = xs[i];
+      for (int j = 0; j < m; ++j) c[j] = T(1) - c[j] * si * ys[j];  // torch: (S σ) τ, 1 − ·
+    } else {
+      for (int j = 0; j < m; ++j) c[j] = -c[j];
+    }
+    T probe = T(0);  // NaN/Inf propagate through the sum (overflow is caught exactly below)
+    for (int j = 0; j < m; ++j) probe += c[j] * T(0);
+    if (probe != T(0)) finite = false;
+    for (int j = 0; j < m; ++j)
+      if (!vi || (yv && !yv[j])) c[j] = T(0);
+  }
+  return finite;
+}
+
+template <class T>
+static void cost_vjp_problem(const CostArgs<T>& A, int k, T* W) {
+  const int n = A.n, m = A.m, d = A.d;
+  const T* X = A.x + (int64_t)k * n * d;
+  const T* Y = A.y + (int64_t)k * m * d;
+  const T* C = A.C + (int64_t)k * n * m;
+  const T* G = A.G + (int64_t)k * n * m;
+  const uint8_t* xv = A.xv ? A.xv + (int64_t)k * n : nullptr;
+  const uint8_t* yv = A.yv ? A.yv + (int64_t)k * m : nullptr;
+  const bool cosine = A.cost == kCosine;
+  const T* xs = cosine ? A.xs + (int64_t)k * n : nullptr;
+  const T* ys = cosine ? A.ys + (int64_t)k * m : nullptr;
+  T* dx = A.dx ? A.dx + (int64_t)k * n * d : nullptr;
+  T* dy = A.dy ? A.dy + (int64_t)k * m * d : nullptr;
+  T* cx = W + (int64_t)n * m;  // [n], [m]: radial coefficients
+  T* cy = cx + n;
+  for (int j = 0; j < m; ++j) cy[j] = T(0);
+  for (int i = 0; i < n; ++i) {
+    const T* g = G + (int64_t)i * m;
+    const T* c = C + (int64_t)i * m;
+    T* w = W + (int64_t)i * m;
+    T ci = T(0);
+    if (xv && !xv[i]) {  // a padded row: no gradient
+      for (int j = 0; j < m; ++j) w[j] = T(0);
+    } else if (cosine) {
+      const T si = xs[i];
+      for (int j = 0; j < m; ++j) {
+        const T gij = !yv || yv[j] ? g[j] : T(0);
+        const T gs = gij * (T(1) - c[j]);
+        ci += gs;
+        cy[j] += gs;
+        w[j] = gij * -(si * ys[j]);
+      }
+      ci *= si * si;
+    } else {
+      for (int j = 0; j < m; ++j) w[j] = !yv || yv[j] ? -g[j] : T(0);
+    }
+    cx[i] = ci;
+  }
+  if (cosine)
+    for (int j = 0; j < m; ++j) cy[j] *= ys[j] * ys[j];
+  // the GEMM first (it streams y in) while the rows of x are prefetched, then the radial part
+  if (dx) {
+    if (cosine) prefetch_rows(X, (int64_t)n * d);
+    gemm_wp(A, false, W, m, Y, n, m, d, dx, T(0));
+    if (cosine) add_radial(dx, X, cx, n, d);
+  }
+  if (dy) {
+    if (cosine) prefetch_rows(Y, (int64_t)m * d);
+    gemm_wp(A, true, W, m, X, m, n, d, dy, T(0));
+    if (cosine) add_radial(dy, Y, cy, m, d);
+  }
+}
+
+// One problem per thread when the batch fills the threads; otherwise problems one after
+// another, each GEMM with the BLAS's own threads (the epilogues are O(n·m + (n+m)·d)).
+template <class T>
+static bool cost_forward_impl(const CostArgs<T>& A) {
+  const int nt = std::max(1, A.num_threads);
+  bool finite = true;
+  if (A.B >= nt && nt > 1) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) reduction(&& : finite)
+    for (int k = 0; k < A.B; ++k) finite = cost_problem(A, k) && finite;
+  } else {
+    for (int k = 0; k < A.B; ++k) finite = cost_problem(A, k) && finite;
+  }
+  return finite;
+}
+
+template <class T>
+static void cost_backward_impl(const CostArgs<T>& A) {
+  const int nt = std::max(1, A.num_threads);
+  const size_t ws = (size_t)A.n * A.m + A.n + A.m;
+  if (A.B >= nt && nt > 1) {
+#pragma omp parallel num_threads(nt)
+    {
+      Buf<T> W;
+      T* w = W.get(ws);
+#pragma omp for schedule(dynamic, 1)
+      for (int k = 0; k < A.B; ++k) cost_vjp_problem(A, k, w);
+    }
+  } else {
+    Buf<T> W;
+    T* w = W.get(ws);
+    for (int k = 0; k < A.B; ++k) cost_vjp_problem(A, k, w);
+  }
+}
+
+template <class T>
+static CostArgs<T> cost_args(const CostParams& p) {
+  CostArgs<T> A;
+  A.B = p.B, A.n = p.n, A.m = p.m, A.d = p.d, A.cost = p.cost;
+  A.x = reinterpret_cast<const T*>(static_cast<uintptr_t>(p.x));
+  A.y = reinterpret_cast<const T*>(static_cast<uintptr_t>(p.y));
+  A.xv = reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(p.x_valid));
+  A.yv = reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(p.y_valid));
+  A.C = reinterpret_cast<T*>(static_cast<uintptr_t>(p.C));
+  A.xs = reinterpret_cast<T*>(static_cast<uintptr_t>(p.x_scale));
+  A.ys = reinterpret_cast<T*>(static_cast<uintptr_t>(p.y_scale));
+  A.G = reinterpret_cast<const T*>(static_cast<uintptr_t>(p.G));
+  A.dx = reinterpret_cast<T*>(static_cast<uintptr_t>(p.dx));
+  A.dy = reinterpret_cast<T*>(static_cast<uintptr_t>(p.dy));
+  A.gemm = reinterpret_cast<BlasGemm<T>>(static_cast<uintptr_t>(p.gemm));
+  A.floor = (T)p.norm_floor;
+  A.num_threads = p.num_threads;
+  return A;
+}
+
+bool cost_forward_run(const CostParams& p) {
+  if (p.dtype == kF32) return cost_forward_impl(cost_args<float>(p));
+  return cost_forward_impl(cost_args<double>(p));
+}
+
+void cost_backward_run(const CostParams& p) {
+  if (p.dtype == kF32)
+    cost_backward_impl(cost_args<float>(p));
+  else
+    cost_backward_impl(cost_args<double>(p));
+}
+
+// A 2 × 3 × 5 product through the given BLAS address against the built-in GEMM: Python
+// checks the address once before using it (a wrong calling convention gives wrong numbers
+// here, not in a training run).
+bool cost_gemm_selftest(int64_t gemm, int dtype) {
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    CostArgs<T> A, B0;
+    A.gemm = reinterpret_cast<BlasGemm<T>>(static_cast<uintptr_t>(gemm));
+    const int n = 2, m = 3, d = 5;
+    T X[n * d], Y[m * d], C1[n * m], C2[n * m], D1[n * d], D2[n * d];
+    for (int q = 0; q < n * d; ++q) X[q] = T(q % 7) - T(2.5), D1[q] = D2[q] = T(q % 3);
+    for (int q = 0; q < m * d; ++q) Y[q] = T(q % 5) * T(0.5) - T(1);
+    gemm_nt(A, X, Y, n, m, d, C1);
+    gemm_nt(B0, X, Y, n, m, d, C2);
+    gemm_wp(A, false, C1, m, Y, n, m, d, D1, T(1));
+    gemm_wp(B0, false, C2, m, Y, n, m, d, D2, T(1));
+    T E1[m * d], E2[m * d];
+    for (int q = 0; q < m * d; ++q) E1[q] = E2[q] = T(q % 4);
+    gemm_wp(A, true, C1, m, X, m, n, d, E1, T(0));
+    gemm_wp(B0, true, C2, m, X, m, n, d, E2, T(0));
+    auto close = [](const T* u, const T* v, int len) {
+      for (int q = 0; q < len; ++q)
+        if (!(std::fabs(u[q] - v[q]) <= T(1e-4) * (T(1) + std::fabs(v[q])))) return false;
+      return true;
+    };
+    return close(C1, C2, n * m) && close(D1, D2, n * d) && close(E1, E2, m * d);
+  };
+  return dtype == kF32 ? run(float{}) : run(double{});
+}
+
+}  // namespace okc
