@@ -9,7 +9,8 @@ variant the CPU supports is loaded (:func:`supported_isas`), or the one named by
 Implements the backend contract of :mod:`optical_kernels.backends.contract` (``forward``,
 ``backward``, ``is_available``) for CPU tensors in float32 and float64 (float16/bfloat16 are
 upcast to float32), and ``PointCostBackend`` (``point_cost_forward`` / ``_backward``: the
-cosine and dot cost matrices from points, csrc/cpu/cost.cpp; see the section at the end). The C++ module receives raw data pointers, sizes and element strides;
+cosine and dot cost matrices from points, csrc/cpu/cost.cpp; see the section at the end).
+The C++ module receives raw data pointers, sizes and element strides;
 this wrapper checks the inputs, allocates every output with torch and calls into C++ with the
 GIL released.
 
