@@ -18,7 +18,10 @@ from optical_kernels.costs import cost_matrix
 pytestmark = pytest.mark.skipif(not cpu.is_available()[0], reason=cpu.is_available()[1])
 
 TOL = {torch.float32: 2e-6, torch.float64: 1e-13}
-SHAPES = [(1, 1, 1, 1), (3, 7, 33, 5), (2, 33, 7, 127), (2, 127, 1, 17), (4, 32, 32, 384)]
+# the last: B = 1 with many rows, the problem alone on every thread (its passes and the
+# built-in GEMM split over rows)
+SHAPES = [(1, 1, 1, 1), (3, 7, 33, 5), (2, 33, 7, 127), (2, 127, 1, 17), (4, 32, 32, 384),
+          (1, 300, 257, 40)]  # fmt: skip
 
 
 def _problem(B, n, m, d, dtype, seed):  # noqa: ANN001, ANN202

@@ -8,19 +8,21 @@
 // Forward, per problem: the inverse norms σ, τ (cosine), the GEMM x·yᵀ written straight into
 // C, then one epilogue over the small [n, m] block: the cost, the finiteness flag (taken
 // before masking, as the torch path checks C) and 0 at padded entries (x_valid, y_valid).
-// Backward, from G = ∂L/∂C (0 at padded entries):
+// Backward, from G = ∂L/∂C (its padded entries are ignored):
 //
 //   cosine  ∂L/∂x_i = c_i x_i + Σ_j W_ij y_j,  W_ij = −G_ij σ_i τ_j,  c_i = σ_i² Σ_j G_ij S_ij
 //           (S = 1 − C, the cosine similarities); ∂L/∂y_j = d_j y_j + Σ_i W_ij x_i
 //   dot     W = −G, c = d = 0
 //
-// so each gradient is one scaled copy of the points and one accumulating GEMM (beta = 1).
-// The GEMMs go to the BLAS ?gemm_ that torch itself links (its address comes from Python,
-// backends/cpu_cost.py), called per problem inside the OpenMP loop over problems (one
-// thread each), or, for a batch smaller than the thread count, once per problem with
-// BLAS's own threads. Without that address a built-in register-blocked GEMM runs.
+// so each gradient is one GEMM and one pass adding the radial part. The GEMMs go to the BLAS
+// ?gemm_ that torch itself links (its address comes from Python, backends/cpu.py), called per
+// problem inside the OpenMP loop over problems (one thread each), or, for a batch smaller than
+// the thread count, once per problem on BLAS's own threads with the passes split over rows.
+// Without that address a built-in register-blocked GEMM runs.
 #include "common.h"
 #include "okc_cpu_params.h"
+
+#include <atomic>
 
 namespace okc {
 
@@ -152,6 +154,8 @@ static inline void add_radial(T* D, const T* P, const T* c, int r, int d) {
 }
 
 // -------------------------------------------------------------------------- per problem
+// out[i] = 1/‖P_i‖ for rows i < rows of P [rows, d], 0 where ‖P_i‖ < floor (NaN stays NaN:
+// the finiteness flag catches it).
 template <class T>
 static void inv_norms(const T* P, int rows, int d, T floor, T* out) {
   using S = Simd<T>;
@@ -172,110 +176,200 @@ static void inv_norms(const T* P, int rows, int d, T floor, T* out) {
     T s = S::hsum(a0 + a1);
     for (; k < d; ++k) s += p[k] * p[k];
     const T norm = std::sqrt(s);
-    out[i] = norm < floor ? T(0) : T(1) / norm;  // NaN stays NaN: the flag below catches it
+    out[i] = norm < floor ? T(0) : T(1) / norm;
   }
 }
 
+// One problem's pointers.
 template <class T>
-static bool cost_problem(const CostArgs<T>& A, int k) {
-  const int n = A.n, m = A.m, d = A.d;
-  const T* X = A.x + (int64_t)k * n * d;
-  const T* Y = A.y + (int64_t)k * m * d;
-  T* C = A.C + (int64_t)k * n * m;
-  const uint8_t* xv = A.xv ? A.xv + (int64_t)k * n : nullptr;
-  const uint8_t* yv = A.yv ? A.yv + (int64_t)k * m : nullptr;
-  const bool cosine = A.cost == kCosine;
-  T* xs = cosine ? A.xs + (int64_t)k * n : nullptr;
-  T* ys = cosine ? A.ys + (int64_t)k * m : nullptr;
-  gemm_nt(A, X, Y, n, m, d, C);  // first: it streams the points in, the norms reread cache
-  if (cosine) {
-    inv_norms(X, n, d, A.floor, xs);
-    inv_norms(Y, m, d, A.floor, ys);
+struct CostProblem {
+  int n, m, d;
+  bool cosine;
+  const T *X, *Y, *G;
+  T *C, *xs, *ys, *dx, *dy;
+  const uint8_t *xv, *yv;
+  CostProblem(const CostArgs<T>& A, int k) : n(A.n), m(A.m), d(A.d), cosine(A.cost == kCosine) {
+    X = A.x + (int64_t)k * n * d;
+    Y = A.y + (int64_t)k * m * d;
+    C = A.C + (int64_t)k * n * m;
+    G = A.G ? A.G + (int64_t)k * n * m : nullptr;
+    xs = cosine ? A.xs + (int64_t)k * n : nullptr;
+    ys = cosine ? A.ys + (int64_t)k * m : nullptr;
+    dx = A.dx ? A.dx + (int64_t)k * n * d : nullptr;
+    dy = A.dy ? A.dy + (int64_t)k * m * d : nullptr;
+    xv = A.xv ? A.xv + (int64_t)k * n : nullptr;
+    yv = A.yv ? A.yv + (int64_t)k * m : nullptr;
   }
+};
+
+// Forward epilogue on the rows [i0, i1) of S = x·yᵀ (in C): the cost in place, 0 at padded
+// entries; returns whether the unmasked cost was finite there.
+template <class T>
+static bool cost_rows(const CostProblem<T>& P, int i0, int i1) {
+  const int m = P.m;
   bool finite = true;
-  for (int i = 0; i < n; ++i) {
-    T* c = C + (int64_t)i * m;
-    const bool vi = !xv || xv[i];
-    if (cosine) {
-      const T si = xs[i];
-      for (int j = 0; j < m; ++j) c[j] = T(1) - c[j] * si * ys[j];  // torch: (S σ) τ, 1 − ·
+  for (int i = i0; i < i1; ++i) {
+    T* c = P.C + (int64_t)i * m;
+    if (P.cosine) {
+      const T si = P.xs[i];
+      for (int j = 0; j < m; ++j) c[j] = T(1) - c[j] * si * P.ys[j];  // torch: (S σ) τ, 1 − ·
     } else {
       for (int j = 0; j < m; ++j) c[j] = -c[j];
     }
-    T probe = T(0);  // NaN/Inf propagate through the sum (overflow is caught exactly below)
+    T probe = T(0);  // NaN/Inf propagate through the sum: probe ≠ 0 iff a term is not finite
     for (int j = 0; j < m; ++j) probe += c[j] * T(0);
     if (probe != T(0)) finite = false;
-    for (int j = 0; j < m; ++j)
-      if (!vi || (yv && !yv[j])) c[j] = T(0);
+    if (P.xv && !P.xv[i]) {
+      for (int j = 0; j < m; ++j) c[j] = T(0);
+    } else if (P.yv) {
+      for (int j = 0; j < m; ++j) c[j] = P.yv[j] ? c[j] : T(0);
+    }
   }
   return finite;
 }
 
+// Backward, rows [i0, i1): the GEMM weights W (ld m) and the radial coefficients cx of x.
 template <class T>
-static void cost_vjp_problem(const CostArgs<T>& A, int k, T* W) {
-  const int n = A.n, m = A.m, d = A.d;
-  const T* X = A.x + (int64_t)k * n * d;
-  const T* Y = A.y + (int64_t)k * m * d;
-  const T* C = A.C + (int64_t)k * n * m;
-  const T* G = A.G + (int64_t)k * n * m;
-  const uint8_t* xv = A.xv ? A.xv + (int64_t)k * n : nullptr;
-  const uint8_t* yv = A.yv ? A.yv + (int64_t)k * m : nullptr;
-  const bool cosine = A.cost == kCosine;
-  const T* xs = cosine ? A.xs + (int64_t)k * n : nullptr;
-  const T* ys = cosine ? A.ys + (int64_t)k * m : nullptr;
-  T* dx = A.dx ? A.dx + (int64_t)k * n * d : nullptr;
-  T* dy = A.dy ? A.dy + (int64_t)k * m * d : nullptr;
-  T* cx = W + (int64_t)n * m;  // [n], [m]: radial coefficients
-  T* cy = cx + n;
-  for (int j = 0; j < m; ++j) cy[j] = T(0);
-  for (int i = 0; i < n; ++i) {
-    const T* g = G + (int64_t)i * m;
-    const T* c = C + (int64_t)i * m;
+static void weight_rows(const CostProblem<T>& P, T* W, T* cx, int i0, int i1) {
+  const int m = P.m;
+  for (int i = i0; i < i1; ++i) {
+    const T* g = P.G + (int64_t)i * m;
+    const T* c = P.C + (int64_t)i * m;
     T* w = W + (int64_t)i * m;
     T ci = T(0);
-    if (xv && !xv[i]) {  // a padded row: no gradient
+    if (P.xv && !P.xv[i]) {  // a padded row: no gradient
       for (int j = 0; j < m; ++j) w[j] = T(0);
-    } else if (cosine) {
-      const T si = xs[i];
+    } else if (P.cosine) {
+      const T si = P.xs[i];
       for (int j = 0; j < m; ++j) {
-        const T gij = !yv || yv[j] ? g[j] : T(0);
-        const T gs = gij * (T(1) - c[j]);
-        ci += gs;
-        cy[j] += gs;
-        w[j] = gij * -(si * ys[j]);
+        const T gij = !P.yv || P.yv[j] ? g[j] : T(0);
+        ci += gij * (T(1) - c[j]);
+        w[j] = gij * -(si * P.ys[j]);
       }
       ci *= si * si;
     } else {
-      for (int j = 0; j < m; ++j) w[j] = !yv || yv[j] ? -g[j] : T(0);
+      for (int j = 0; j < m; ++j) w[j] = !P.yv || P.yv[j] ? -g[j] : T(0);
     }
     cx[i] = ci;
   }
-  if (cosine)
-    for (int j = 0; j < m; ++j) cy[j] *= ys[j] * ys[j];
-  // the GEMM first (it streams y in) while the rows of x are prefetched, then the radial part
-  if (dx) {
-    if (cosine) prefetch_rows(X, (int64_t)n * d);
-    gemm_wp(A, false, W, m, Y, n, m, d, dx, T(0));
-    if (cosine) add_radial(dx, X, cx, n, d);
+}
+
+// Backward, columns [j0, j1): the radial coefficients cy of y (cosine), from W and C:
+// Σ_i G_ij S_ij = −Σ_i W_ij S_ij / (σ_i τ_j) is not usable (σ may be 0), so G is reread.
+template <class T>
+static void column_coefs(const CostProblem<T>& P, T* cy, int j0, int j1) {
+  const int n = P.n, m = P.m;
+  for (int j = j0; j < j1; ++j) cy[j] = T(0);
+  if (!P.cosine) return;
+  for (int i = 0; i < n; ++i) {
+    if (P.xv && !P.xv[i]) continue;
+    const T* g = P.G + (int64_t)i * m;
+    const T* c = P.C + (int64_t)i * m;
+    for (int j = j0; j < j1; ++j) {
+      const T gij = !P.yv || P.yv[j] ? g[j] : T(0);
+      cy[j] += gij * (T(1) - c[j]);
+    }
   }
-  if (dy) {
-    if (cosine) prefetch_rows(Y, (int64_t)m * d);
-    gemm_wp(A, true, W, m, X, m, n, d, dy, T(0));
-    if (cosine) add_radial(dy, Y, cy, m, d);
+  for (int j = j0; j < j1; ++j) cy[j] *= P.ys[j] * P.ys[j];
+}
+
+// fn(r0, r1) over [0, total): in ~4 chunks per thread when `inner` (the problem has all nt
+// threads) and there is enough work (`work` per item), else in one piece.
+template <class F>
+static inline void over_rows(bool inner, int nt, int total, int64_t work, F&& fn) {
+  const int64_t by_work = (int64_t)total * std::max<int64_t>(work, 1) / 32768 + 1;
+  const int nch = inner ? (int)std::max<int64_t>(1, std::min<int64_t>({4LL * nt, by_work, total}))
+                        : 1;
+  if (nch <= 1) {
+    fn(0, total);
+    return;
+  }
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int q = 0; q < nch; ++q)
+    fn((int)((int64_t)total * q / nch), (int)((int64_t)total * (q + 1) / nch));
+}
+
+// One problem. `inner`: it has all nt threads to itself (a batch smaller than the thread
+// count): a BLAS GEMM runs on BLAS's threads, the built-in GEMM and the passes split over rows.
+template <class T>
+static bool cost_problem(const CostArgs<T>& A, int k, bool inner, int nt) {
+  const CostProblem<T> P(A, k);
+  const int n = P.n, m = P.m, d = P.d;
+  // the GEMM first: it streams the points in, the norms then reread them from cache
+  if (A.gemm || !inner) {
+    gemm_nt(A, P.X, P.Y, n, m, d, P.C);
+  } else {
+    over_rows(inner, nt, n, (int64_t)m * d, [&](int i0, int i1) {
+      gemm_nt(A, P.X + (int64_t)i0 * d, P.Y, i1 - i0, m, d, P.C + (int64_t)i0 * m);
+    });
+  }
+  if (P.cosine) {
+    over_rows(inner, nt, n, d, [&](int i0, int i1) {
+      inv_norms(P.X + (int64_t)i0 * d, i1 - i0, d, A.floor, P.xs + i0);
+    });
+    over_rows(inner, nt, m, d, [&](int j0, int j1) {
+      inv_norms(P.Y + (int64_t)j0 * d, j1 - j0, d, A.floor, P.ys + j0);
+    });
+  }
+  std::atomic<bool> finite{true};
+  over_rows(inner, nt, n, m, [&](int i0, int i1) {
+    if (!cost_rows(P, i0, i1)) finite.store(false, std::memory_order_relaxed);
+  });
+  return finite.load();
+}
+
+// Backward of one problem; W: workspace of n·m + n + m entries.
+template <class T>
+static void cost_vjp_problem(const CostArgs<T>& A, int k, T* W, bool inner, int nt) {
+  const CostProblem<T> P(A, k);
+  const int n = P.n, m = P.m, d = P.d;
+  T* cx = W + (int64_t)n * m;  // radial coefficients of x [n] and y [m]
+  T* cy = cx + n;
+  over_rows(inner, nt, n, m, [&](int i0, int i1) { weight_rows(P, W, cx, i0, i1); });
+  if (P.dy) over_rows(inner, nt, m, n, [&](int j0, int j1) { column_coefs(P, cy, j0, j1); });
+  // each GEMM first (it streams the other side's points in) while the rows it scales are
+  // prefetched, then the radial part
+  if (P.dx) {
+    if (P.cosine && !inner) prefetch_rows(P.X, (int64_t)n * d);
+    if (A.gemm || !inner) {
+      gemm_wp(A, false, W, m, P.Y, n, m, d, P.dx, T(0));
+    } else {
+      over_rows(inner, nt, n, (int64_t)m * d, [&](int i0, int i1) {
+        gemm_wp(A, false, W + (int64_t)i0 * m, m, P.Y, i1 - i0, m, d, P.dx + (int64_t)i0 * d, T(0));
+      });
+    }
+    if (P.cosine)
+      over_rows(inner, nt, n, d, [&](int i0, int i1) {
+        add_radial(P.dx + (int64_t)i0 * d, P.X + (int64_t)i0 * d, cx + i0, i1 - i0, d);
+      });
+  }
+  if (P.dy) {
+    if (P.cosine && !inner) prefetch_rows(P.Y, (int64_t)m * d);
+    if (A.gemm || !inner) {
+      gemm_wp(A, true, W, m, P.X, m, n, d, P.dy, T(0));
+    } else {
+      over_rows(inner, nt, m, (int64_t)n * d, [&](int j0, int j1) {
+        gemm_wp(A, true, W + j0, m, P.X, j1 - j0, n, d, P.dy + (int64_t)j0 * d, T(0));
+      });
+    }
+    if (P.cosine)
+      over_rows(inner, nt, m, d, [&](int j0, int j1) {
+        add_radial(P.dy + (int64_t)j0 * d, P.Y + (int64_t)j0 * d, cy + j0, j1 - j0, d);
+      });
   }
 }
 
 // One problem per thread when the batch fills the threads; otherwise problems one after
-// another, each GEMM with the BLAS's own threads (the epilogues are O(n·m + (n+m)·d)).
+// another, each with all threads (cost_problem's `inner`).
 template <class T>
 static bool cost_forward_impl(const CostArgs<T>& A) {
   const int nt = std::max(1, A.num_threads);
   bool finite = true;
   if (A.B >= nt && nt > 1) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) reduction(&& : finite)
-    for (int k = 0; k < A.B; ++k) finite = cost_problem(A, k) && finite;
+    for (int k = 0; k < A.B; ++k) finite = cost_problem(A, k, false, 1) && finite;
   } else {
-    for (int k = 0; k < A.B; ++k) finite = cost_problem(A, k) && finite;
+    for (int k = 0; k < A.B; ++k) finite = cost_problem(A, k, nt > 1, nt) && finite;
   }
   return finite;
 }
@@ -290,12 +384,12 @@ static void cost_backward_impl(const CostArgs<T>& A) {
       Buf<T> W;
       T* w = W.get(ws);
 #pragma omp for schedule(dynamic, 1)
-      for (int k = 0; k < A.B; ++k) cost_vjp_problem(A, k, w);
+      for (int k = 0; k < A.B; ++k) cost_vjp_problem(A, k, w, false, 1);
     }
   } else {
     Buf<T> W;
     T* w = W.get(ws);
-    for (int k = 0; k < A.B; ++k) cost_vjp_problem(A, k, w);
+    for (int k = 0; k < A.B; ++k) cost_vjp_problem(A, k, w, nt > 1, nt);
   }
 }
 
