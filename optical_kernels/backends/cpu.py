@@ -184,7 +184,10 @@ def is_available() -> tuple[bool, str]:
             f"optical_kernels._cpu_<isa> is not built ({_IMPORT_ERROR}); run `pip install -e .` "
             "with a C++ compiler (g++ or clang with OpenMP) present"
         )
-    return True, f"fused C++ kernels, variant {ISA} ({_WHY}; {_cpu.build_info()})"
+    return True, (
+        f"fused C++ kernels, variant {ISA} ({_WHY}; {_cpu.build_info()}); point-cost GEMM: "
+        f"{gemm_info(torch.float32)}"
+    )
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
