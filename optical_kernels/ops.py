@@ -387,12 +387,7 @@ sinkhorn_sample_backward_op.register_autograd(_no_double_backward, setup_context
 def _eager(*tensors: Tensor) -> bool:
     """Whether a call may take the eager path: not tracing (Dynamo, or a functorch transform)
     and only plain tensors (no FakeTensor, FunctionalTensor or other subclass)."""
-    if torch.compiler.is_compiling():
-        return False
-    try:
-        if torch._C._functorch.peek_interpreter_stack() is not None:
-            return False
-    except AttributeError:  # pragma: no cover - older torch without the functorch C API
+    if contract.tracing():
         return False
     return all(type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors)
 

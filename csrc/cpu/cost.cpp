@@ -327,36 +327,25 @@ static void cost_vjp_problem(const CostArgs<T>& A, int k, T* W, bool inner, int 
   T* cy = cx + n;
   over_rows(inner, nt, n, m, [&](int i0, int i1) { weight_rows(P, W, cx, i0, i1); });
   if (P.dy) over_rows(inner, nt, m, n, [&](int j0, int j1) { column_coefs(P, cy, j0, j1); });
-  // each GEMM first (it streams the other side's points in) while the rows it scales are
-  // prefetched, then the radial part
-  if (P.dx) {
-    if (P.cosine && !inner) prefetch_rows(P.X, (int64_t)n * d);
+  // One side: out [r, d] = W·Q (trans: Wᵀ·Q), Q the other side's points, then the radial
+  // part c ∘ R, R this side's points. The GEMM first (it streams Q in) while R is prefetched.
+  auto side = [&](T* out, const T* R, const T* Q, const T* c, bool trans, int r, int s) {
+    if (P.cosine && !inner) prefetch_rows(R, (int64_t)r * d);
     if (A.gemm || !inner) {
-      gemm_wp(A, false, W, m, P.Y, n, m, d, P.dx, T(0));
+      gemm_wp(A, trans, W, m, Q, r, s, d, out, T(0));
     } else {
-      over_rows(inner, nt, n, (int64_t)m * d, [&](int i0, int i1) {
-        gemm_wp(A, false, W + (int64_t)i0 * m, m, P.Y, i1 - i0, m, d, P.dx + (int64_t)i0 * d, T(0));
+      over_rows(inner, nt, r, (int64_t)s * d, [&](int i0, int i1) {
+        const T* w = trans ? W + i0 : W + (int64_t)i0 * m;
+        gemm_wp(A, trans, w, m, Q, i1 - i0, s, d, out + (int64_t)i0 * d, T(0));
       });
     }
     if (P.cosine)
-      over_rows(inner, nt, n, d, [&](int i0, int i1) {
-        add_radial(P.dx + (int64_t)i0 * d, P.X + (int64_t)i0 * d, cx + i0, i1 - i0, d);
+      over_rows(inner, nt, r, d, [&](int i0, int i1) {
+        add_radial(out + (int64_t)i0 * d, R + (int64_t)i0 * d, c + i0, i1 - i0, d);
       });
-  }
-  if (P.dy) {
-    if (P.cosine && !inner) prefetch_rows(P.Y, (int64_t)m * d);
-    if (A.gemm || !inner) {
-      gemm_wp(A, true, W, m, P.X, m, n, d, P.dy, T(0));
-    } else {
-      over_rows(inner, nt, m, (int64_t)n * d, [&](int j0, int j1) {
-        gemm_wp(A, true, W + j0, m, P.X, j1 - j0, n, d, P.dy + (int64_t)j0 * d, T(0));
-      });
-    }
-    if (P.cosine)
-      over_rows(inner, nt, m, d, [&](int j0, int j1) {
-        add_radial(P.dy + (int64_t)j0 * d, P.Y + (int64_t)j0 * d, cy + j0, j1 - j0, d);
-      });
-  }
+  };
+  if (P.dx) side(P.dx, P.X, P.Y, cx, false, n, m);
+  if (P.dy) side(P.dy, P.Y, P.X, cy, true, m, n);
 }
 
 // One problem per thread when the batch fills the threads; otherwise problems one after

@@ -188,6 +188,18 @@ def check_module(mod: ModuleType, name: str) -> None:
         )
 
 
+# ----------------------------------------------------------------------------- tracing
+def tracing() -> bool:
+    """Whether the call is being traced: Dynamo, or a functorch transform (vmap, grad, ...).
+    Kernels that read raw pointers cannot run there (ops.py then takes its custom ops)."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:  # pragma: no cover - older torch without the functorch C API
+        return True
+
+
 # ----------------------------------------------------------------------------- dtypes
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """The dtype a backend computes in for inputs of ``dtypes``: float64 if any is float64,

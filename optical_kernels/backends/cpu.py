@@ -408,12 +408,7 @@ def supports_point_cost(cost: str, *tensors: torch.Tensor) -> bool:
     """Whether :func:`point_cost_forward` takes these points: a cost of :data:`POINT_COSTS`,
     the C++ module built, CPU float32/float64 tensors, no Dynamo tracing or functorch
     transform (those take the torch cost of optical_kernels.costs: same values to rounding)."""
-    if cost not in POINT_COSTS or _cpu is None or torch.compiler.is_compiling():
-        return False
-    try:
-        if torch._C._functorch.peek_interpreter_stack() is not None:
-            return False
-    except AttributeError:  # pragma: no cover - older torch without the functorch C API
+    if cost not in POINT_COSTS or _cpu is None or contract.tracing():
         return False
     return all(t.device.type == "cpu" and t.dtype in _CODES for t in tensors)
 
