@@ -1,17 +1,24 @@
 """``torch.library`` custom ops and autograd wiring shared by every backend.
 
-Two ops, each with a fake (meta) implementation so ``torch.compile`` traces through them:
+Two solver ops, each with a fake (meta) implementation so ``torch.compile`` traces through them,
 
 * ``optical_kernels::sinkhorn`` — solve on a given cost ``C`` [B, n, m]; differentiable in C.
 * ``optical_kernels::sinkhorn_sample`` — solve with the cost fused from points x [B, n, d],
   y [B, m, d] (backends that provide ``forward_sample``); differentiable in x and y.
 
-Both return ``(f, g, value, value_linear, n_iters, err, hist_f, hist_g)``; ``hist_*`` are
-[max_iter, B, ·] for ``grad="unrolled"`` and [0, B, ·] otherwise. The backend is passed by
-name and looked up in :mod:`optical_kernels.backends`; a route ``"primary>fallback"`` is
-resolved here, on the concrete sizes the op runs with (:func:`optical_kernels.backends.route`),
-so the traced graph does not depend on n and m. A fallback without fused-cost entry points
-runs the sample op on the cost materialised inside the op (:func:`_sample_impl`).
+and, for a dense backend that computes the cost matrix itself
+(:class:`~optical_kernels.backends.contract.PointCostBackend`, the ``cpu`` one):
+
+* ``optical_kernels::point_cost`` — ``C`` [B, n, m] from points (cosine, dot) by that backend;
+  differentiable in x and y (see :func:`point_cost`).
+
+The solver ops return ``(f, g, value, value_linear, n_iters, err, hist_f, hist_g)``;
+``hist_*`` are [max_iter, B, ·] for ``grad="unrolled"`` and [0, B, ·] otherwise. The backend
+is passed by name and looked up in :mod:`optical_kernels.backends`; a route
+``"primary>fallback"`` is resolved here, on the concrete sizes the op runs with
+(:func:`optical_kernels.backends.route`), so the traced graph does not depend on n and m. A
+fallback without fused-cost entry points runs the sample op on the cost materialised inside
+the op (:func:`_sample_impl`).
 
 The backward ops have an autograd formula that raises: double backward (differentiating a
 gradient taken with ``create_graph=True``) is not supported.
