@@ -134,14 +134,6 @@ static void gemm_wp(const CostArgs<T>& A, bool trans_w, const T* W, int ldw, con
   }
 }
 
-// Hint the rows of P [rows, d] into cache ahead of their use (they stream in while a GEMM
-// on other data runs).
-template <class T>
-static inline void prefetch_rows(const T* P, int64_t count) {
-  const char* c = reinterpret_cast<const char*>(P);
-  for (int64_t off = 0; off < count * (int64_t)sizeof(T); off += 64) __builtin_prefetch(c + off, 0, 2);
-}
-
 // D[i, :] += c_i P[i, :] for rows i < r of P, D [r, d].
 template <class T>
 static inline void add_radial(T* D, const T* P, const T* c, int r, int d) {
@@ -328,9 +320,9 @@ static void cost_vjp_problem(const CostArgs<T>& A, int k, T* W, bool inner, int 
   over_rows(inner, nt, n, m, [&](int i0, int i1) { weight_rows(P, W, cx, i0, i1); });
   if (P.dy) over_rows(inner, nt, m, n, [&](int j0, int j1) { column_coefs(P, cy, j0, j1); });
   // One side: out [r, d] = W·Q (trans: Wᵀ·Q), Q the other side's points, then the radial
-  // part c ∘ R, R this side's points. The GEMM first (it streams Q in) while R is prefetched.
+  // part c ∘ R, R this side's points (prefetching R during the GEMM measured slower: it
+  // competes with the GEMM's own stream of Q).
   auto side = [&](T* out, const T* R, const T* Q, const T* c, bool trans, int r, int s) {
-    if (P.cosine && !inner) prefetch_rows(R, (int64_t)r * d);
     if (A.gemm || !inner) {
       gemm_wp(A, trans, W, m, Q, r, s, d, out, T(0));
     } else {
