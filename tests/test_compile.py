@@ -223,8 +223,9 @@ def _op_only(monkeypatch):
 
 
 @pytest.mark.parametrize("grad", ["envelope", "implicit", "unrolled"])
-@pytest.mark.parametrize("fused", [False, True])
-def test_eager_path_matches_custom_op(monkeypatch, grad, fused):
+@pytest.mark.parametrize("fused, cost", [(False, "cosine"), (False, "sqeuclidean"),
+                                         (True, "cosine")])  # fmt: skip
+def test_eager_path_matches_custom_op(monkeypatch, grad, fused, cost):
     """Eager calls on plain tensors skip the custom op's Python wrapper (ops._eager): values,
     gradients of x and y, and the outputs are those of the op path, bit for bit."""
     backend = use_fused_reference(monkeypatch) if fused else "cpu"
@@ -233,7 +234,7 @@ def test_eager_path_matches_custom_op(monkeypatch, grad, fused):
 
     def run():
         res = ok.solve_sample(x, y, x_mask=xm, y_mask=ym, eps=0.1, max_iter=30, tol=0.0,
-                              grad=grad, backend=backend)  # fmt: skip
+                              grad=grad, backend=backend, cost=cost)  # fmt: skip
         loss = (res.value * w).sum() + res.value_linear.sum()
         return res, torch.autograd.grad(loss, (x, y))
 
