@@ -5,14 +5,16 @@
 //   cosine  C_ij = 1 − (x_i·y_j) σ_i τ_j,  σ_i = 1/‖x_i‖ (0 where ‖x_i‖ < floor), τ likewise
 //   dot     C_ij = −x_i·y_j
 //
-// Forward, per problem: the inverse norms σ, τ (cosine), the GEMM x·yᵀ written straight into
-// C, then one epilogue over the small [n, m] block: the cost, the finiteness flag (taken
-// before masking, as the torch path checks C) and 0 at padded entries (x_valid, y_valid).
+// Forward, per problem: the GEMM x·yᵀ written straight into C (it streams the points in), the
+// inverse norms σ, τ (cosine; the points reread from cache), then one epilogue over the small
+// [n, m] block: the cost, the finiteness flag (taken before masking, as the torch path checks
+// C) and 0 at padded entries (x_valid, y_valid).
 // Backward, from G = ∂L/∂C (its padded entries are ignored):
 //
 //   cosine  ∂L/∂x_i = c_i x_i + Σ_j W_ij y_j,  W_ij = −G_ij σ_i τ_j,  c_i = σ_i² Σ_j G_ij S_ij
-//           (S = 1 − C, the cosine similarities); ∂L/∂y_j = d_j y_j + Σ_i W_ij x_i
-//   dot     W = −G, c = d = 0
+//           (S = 1 − C, the cosine similarities); ∂L/∂y_j = e_j y_j + Σ_i W_ij x_i,
+//           e_j = τ_j² Σ_i G_ij S_ij
+//   dot     W = −G, c = e = 0
 //
 // so each gradient is one GEMM and one pass adding the radial part. The GEMMs go to the BLAS
 // ?gemm_ that torch itself links (its address comes from Python, backends/cpu.py), called per
@@ -246,8 +248,7 @@ static void weight_rows(const CostProblem<T>& P, T* W, T* cx, int i0, int i1) {
   }
 }
 
-// Backward, columns [j0, j1): the radial coefficients cy of y (cosine), from W and C:
-// Σ_i G_ij S_ij = −Σ_i W_ij S_ij / (σ_i τ_j) is not usable (σ may be 0), so G is reread.
+// Backward, columns [j0, j1): the radial coefficients e_j of y (cosine), from G and C.
 template <class T>
 static void column_coefs(const CostProblem<T>& P, T* cy, int j0, int j1) {
   const int n = P.n, m = P.m;
