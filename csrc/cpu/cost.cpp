@@ -91,33 +91,29 @@ static void gemm_nt(const CostArgs<T>& A, const T* X, const T* Y, int n, int m, 
     for (int j = 0; j < m; j += 4) block(i, std::min(4, n - i), j, std::min(4, m - j));
 }
 
-// D[r, d] = beta·D + W[r, s] · P[s, d], W of leading dimension ldw (trans_w: W is stored
-// [s, r] and used transposed); beta is 0 or 1.
+// D[r, d] = W[r, s] · P[s, d], W of leading dimension ldw (trans_w: W is stored [s, r] and
+// used transposed).
 template <class T>
 static void gemm_wp(const CostArgs<T>& A, bool trans_w, const T* W, int ldw, const T* P, int r,
-                    int s, int d, T* D, T beta) {
+                    int s, int d, T* D) {
   if (d == 0) return;
   if (s == 0) {
-    if (beta == T(0)) std::fill(D, D + (int64_t)r * d, T(0));
+    std::fill(D, D + (int64_t)r * d, T(0));
     return;
   }
   if (A.gemm) {
-    const T one = T(1);
-    A.gemm("N", trans_w ? "T" : "N", &d, &r, &s, &one, P, &d, W, &ldw, &beta, D, &d);
+    const T one = T(1), zero = T(0);
+    A.gemm("N", trans_w ? "T" : "N", &d, &r, &s, &one, P, &d, W, &ldw, &zero, D, &d);
     return;
   }
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int L = S::L;
-  const bool acc = beta != T(0);
   for (int i = 0; i < r; ++i) {
     T* out = D + (int64_t)i * d;
     int k = 0;
     for (; k + 4 * L <= d; k += 4 * L) {
       V a0 = S::set1(T(0)), a1 = a0, a2 = a0, a3 = a0;
-      if (acc)
-        a0 = S::load(out + k), a1 = S::load(out + k + L), a2 = S::load(out + k + 2 * L),
-        a3 = S::load(out + k + 3 * L);
       for (int j = 0; j < s; ++j) {
         const V w = S::set1(trans_w ? W[(int64_t)j * ldw + i] : W[(int64_t)i * ldw + j]);
         const T* p = P + (int64_t)j * d + k;
@@ -128,7 +124,7 @@ static void gemm_wp(const CostArgs<T>& A, bool trans_w, const T* W, int ldw, con
           S::store(out + k + 3 * L, a3);
     }
     for (; k < d; ++k) {
-      T sum = acc ? out[k] : T(0);
+      T sum = T(0);
       for (int j = 0; j < s; ++j)
         sum += (trans_w ? W[(int64_t)j * ldw + i] : W[(int64_t)i * ldw + j]) * P[(int64_t)j * d + k];
       out[k] = sum;
@@ -325,11 +321,11 @@ static void cost_vjp_problem(const CostArgs<T>& A, int k, T* W, bool inner, int 
   // competes with the GEMM's own stream of Q).
   auto side = [&](T* out, const T* R, const T* Q, const T* c, bool trans, int r, int s) {
     if (A.gemm || !inner) {
-      gemm_wp(A, trans, W, m, Q, r, s, d, out, T(0));
+      gemm_wp(A, trans, W, m, Q, r, s, d, out);
     } else {
       over_rows(inner, nt, r, (int64_t)s * d, [&](int i0, int i1) {
         const T* w = trans ? W + i0 : W + (int64_t)i0 * m;
-        gemm_wp(A, trans, w, m, Q, i1 - i0, s, d, out + (int64_t)i0 * d, T(0));
+        gemm_wp(A, trans, w, m, Q, i1 - i0, s, d, out + (int64_t)i0 * d);
       });
     }
     if (P.cosine)
@@ -417,16 +413,15 @@ bool cost_gemm_selftest(int64_t gemm, int dtype) {
     A.gemm = reinterpret_cast<BlasGemm<T>>(static_cast<uintptr_t>(gemm));
     const int n = 2, m = 3, d = 5;
     T X[n * d], Y[m * d], C1[n * m], C2[n * m], D1[n * d], D2[n * d];
-    for (int q = 0; q < n * d; ++q) X[q] = T(q % 7) - T(2.5), D1[q] = D2[q] = T(q % 3);
+    for (int q = 0; q < n * d; ++q) X[q] = T(q % 7) - T(2.5);
     for (int q = 0; q < m * d; ++q) Y[q] = T(q % 5) * T(0.5) - T(1);
     gemm_nt(A, X, Y, n, m, d, C1);
     gemm_nt(B0, X, Y, n, m, d, C2);
-    gemm_wp(A, false, C1, m, Y, n, m, d, D1, T(1));
-    gemm_wp(B0, false, C2, m, Y, n, m, d, D2, T(1));
+    gemm_wp(A, false, C1, m, Y, n, m, d, D1);
+    gemm_wp(B0, false, C2, m, Y, n, m, d, D2);
     T E1[m * d], E2[m * d];
-    for (int q = 0; q < m * d; ++q) E1[q] = E2[q] = T(q % 4);
-    gemm_wp(A, true, C1, m, X, m, n, d, E1, T(0));
-    gemm_wp(B0, true, C2, m, X, m, n, d, E2, T(0));
+    gemm_wp(A, true, C1, m, X, m, n, d, E1);
+    gemm_wp(B0, true, C2, m, X, m, n, d, E2);
     auto close = [](const T* u, const T* v, int len) {
       for (int q = 0; q < len; ++q)
         if (!(std::fabs(u[q] - v[q]) <= T(1e-4) * (T(1) + std::fabs(v[q])))) return false;

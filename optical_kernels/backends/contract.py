@@ -168,8 +168,8 @@ class PointCostBackend(Backend, Protocol):
 
 def check_module(mod: ModuleType, name: str) -> None:
     """Raise ``TypeError`` naming what ``mod`` (backend module ``name``) lacks or gets wrong:
-    a missing required function, only one of the fused or point-cost pair, a ``supports``
-    that is not callable, a ``MAX_SIZE`` that is not a positive int."""
+    a missing required function, only part of the fused pair or of the point-cost functions,
+    a ``supports`` that is not callable, a ``MAX_SIZE`` that is not a positive int."""
     problems = [f"missing {f}()" for f in REQUIRED if not callable(getattr(mod, f, None))]
     for group, what in ((FUSED, "the fused pair"), (POINT_COST, "the point-cost functions")):
         have = [f for f in group if callable(getattr(mod, f, None))]

@@ -348,8 +348,8 @@ def backward(
 # C, the inverse norms, C = 1 − S σ τᵀ (cosine) or −S (dot), the finiteness flag of the unmasked
 # cost and 0 at padded entries, where the torch cost (costs.cost_matrix) spends two norm
 # reductions over the points, four elementwise passes over C and a masking ``where``. Backward,
-# from G = ∂L/∂C: the radial parts dx = c∘x, dy = e∘y (c_i = σ_i² Σ_j G_ij S_ij) and one
-# accumulating GEMM per side, dx += W·y, dy += Wᵀ·x with W = −G∘στᵀ. The GEMMs call the BLAS
+# from G = ∂L/∂C: one GEMM per side, dx = W·y, dy = Wᵀ·x with W = −G∘στᵀ, then a pass adding
+# the radial parts c∘x, e∘y (c_i = σ_i² Σ_j G_ij S_ij). The GEMMs call the BLAS
 # sgemm_ / dgemm_ that torch's CPU library exports (MKL on x86 wheels), found once with ctypes
 # and checked against cost.cpp's built-in GEMM before first use (a wrong calling convention
 # gives wrong numbers there, not in training); without them, or with
