@@ -247,7 +247,7 @@ PYBIND11_MODULE(OKC_MODULE, mod) {
   mod.def("backward", &backward, py::arg("params"),
           "Batched Sinkhorn backward (dC) into the caller's buffer.");
   py::class_<CostParams>(mod, "CostParams", py::module_local(),
-                         "One point-cost epilogue/prologue call (cost.cpp): raw pointers (int), sizes.")
+                         "One point-cost call (cost.cpp, forward or backward): raw pointers (int), sizes.")
       .def(py::init<>())
       .def_readwrite("B", &CostParams::B)
       .def_readwrite("n", &CostParams::n)
